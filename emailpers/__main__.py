@@ -1,0 +1,3 @@
+from emailpers.cli import main
+
+main()

@@ -1,0 +1,413 @@
+"""Load a campaign TOML file into frozen, validated configuration.
+
+Everything the rest of the code trusts is checked here, once: unknown keys,
+types, ranges, files that must exist, environment variables that must be set.
+Errors name the file, the line when it can be found, the table and the key.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from emailpers.errors import CampaignError
+
+DEFAULT_TIMEOUT = 2.0
+DEFAULT_RETRIES = 3
+DEFAULT_CACHE_TTL = 300
+DEFAULT_DEADLINE = 10.0
+DEFAULT_BACKOFF_INITIAL = 0.25
+DEFAULT_BACKOFF_MAX = 4.0
+DEFAULT_MAX_BYTES = 1024 * 1024
+DEFAULT_BATCH_LINGER = 0.05
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Credentials for a source. Secrets are read from the environment at load
+    time and kept out of repr() so they cannot reach a log by accident."""
+
+    kind: str  # "bearer" | "header" | "basic" | "oauth2"
+    name: str = ""  # the [auth.NAME] table, or the source's name for inline auth
+    header_name: str = "Authorization"
+    secret: str = field(default="", repr=False)
+    username: str = field(default="", repr=False)
+    token_url: str = ""
+    client_id: str = field(default="", repr=False)
+    client_secret: str = field(default="", repr=False)
+    scope: str = ""
+
+
+@dataclass(frozen=True)
+class Batch:
+    url: str
+    size: int
+    items: str
+    key: str
+    linger: float = DEFAULT_BATCH_LINGER
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    auth: Auth | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+    cache_ttl: float = DEFAULT_CACHE_TTL
+    required: bool = False
+    deadline: float = DEFAULT_DEADLINE
+    backoff_initial: float = DEFAULT_BACKOFF_INITIAL
+    backoff_max: float = DEFAULT_BACKOFF_MAX
+    rate_limit: float | None = None
+    concurrency: int | None = None
+    stale_if_error: float = 0
+    max_bytes: int = DEFAULT_MAX_BYTES
+    allow_insecure_http: bool = False
+    follow_redirects: bool = False
+    batch: Batch | None = None
+
+
+@dataclass(frozen=True)
+class RecipientsConfig:
+    path: Path
+    id_field: str = "id"
+    email_field: str = "email"
+
+
+@dataclass(frozen=True)
+class Campaign:
+    path: Path  # the TOML file
+    name: str
+    template: Path
+    subject: str
+    from_: str
+    recipients: RecipientsConfig
+    text_template: Path | None = None
+    fallback_template: Path | None = None
+    preheader: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, Source] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        """The campaign's folder: relative paths and template includes resolve here."""
+        return self.path.parent
+
+    def template_name(self, path: Path) -> str:
+        """The loader name of a template file (relative to the campaign folder)."""
+        return path.relative_to(self.root).as_posix()
+
+
+# -- schema ------------------------------------------------------------------
+
+_NUMBER = (int, float)
+
+
+class _Table:
+    """One TOML table being validated: typed lookups that fail with the file,
+    line, table and key in the message, and a check for unknown keys."""
+
+    def __init__(self, loader: _Loader, data: Any, where: str) -> None:
+        self.loader = loader
+        self.where = where
+        if not isinstance(data, dict):
+            raise loader.error(where, None, f"must be a table, got {_show(data)}")
+        self.data: dict[str, Any] = data
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, *, required: bool = False) -> Any:
+        if key not in self.data:
+            if required:
+                raise self.loader.error(self.where, key, "is required")
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) and kind is not bool and bool not in _as_tuple(kind):
+            ok = False  # TOML true is not a number
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise self.loader.error(self.where, key, f"must be {_kind_name(kind)}, got {_show(value)}")
+        return float(value) if kind == _NUMBER else value
+
+    def number(self, key: str, default: float | None, *, minimum: float = 0, above: bool = False) -> Any:
+        value = self.get(key, _NUMBER, default)
+        if value is not None and (value < minimum or (above and value == minimum)):
+            relation = ">" if above else ">="
+            raise self.loader.error(self.where, key, f"must be {relation} {minimum:g}, got {value:g}")
+        return value
+
+    def integer(self, key: str, default: int | None, *, minimum: int = 0) -> Any:
+        value = self.get(key, int, default)
+        if value is not None and value < minimum:
+            raise self.loader.error(self.where, key, f"must be >= {minimum}, got {value}")
+        return value
+
+    def strings(self, key: str) -> dict[str, str]:
+        table = self.get(key, dict, {})
+        for name, value in table.items():
+            if not isinstance(value, str):
+                raise self.loader.error(self.where, key, f"value of {name!r} must be a string, got {_show(value)}")
+        return dict(table)
+
+    def env(self, key: str, *, required: bool = True) -> str:
+        """The value of the environment variable named by `key` (a `*_env` key)."""
+        var = self.get(key, str, required=required)
+        if var is None:
+            return ""
+        value = os.environ.get(var)
+        if value is None:
+            raise self.loader.error(
+                self.where, key, f"environment variable {var} is not set; export it before running"
+            )
+        return value
+
+    def no_unknown(self, known: set[str]) -> None:
+        for key in self.data:
+            if key not in known:
+                hint = f"; known keys: {', '.join(sorted(known))}"
+                raise self.loader.error(self.where, key, f"unknown key{hint}")
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
+    if kind == _NUMBER:
+        return "a number"
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_HEADER = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
+_KEY = re.compile(r"""^\s*("?)([A-Za-z0-9_.-]+)\1\s*=""")
+
+
+class _Loader:
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines: dict[tuple[str, str | None], int] = {}
+        table = ""
+        for number, line in enumerate(text.splitlines(), start=1):
+            if m := _HEADER.match(line):
+                table = m.group(1).replace('"', "").replace(" ", "")
+                self.lines.setdefault((table, None), number)
+            elif m := _KEY.match(line):
+                self.lines.setdefault((table, m.group(2)), number)
+
+    def error(self, where: str, key: str | None, message: str) -> CampaignError:
+        table = where.strip("[]")
+        line = self.lines.get((table, key)) or self.lines.get((table, None))
+        location = f"{self.path}:{line}" if line else str(self.path)
+        subject = f"{where} {key}" if key else where
+        return CampaignError(f"{location}: {subject} {message}")
+
+    def file(self, table: _Table, key: str, *, required: bool) -> Path | None:
+        value = table.get(key, str, required=required)
+        if value is None:
+            return None
+        path = (self.path.parent / value).resolve()
+        if not path.is_file():
+            raise self.error(table.where, key, f"file not found: {path}; check the path (relative to {self.path.parent})")
+        return path
+
+
+def load_campaign(path: str | Path, recipients: str | Path | None = None) -> Campaign:
+    """Read and validate a campaign file. `recipients` overrides [recipients] path."""
+    path = Path(path).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CampaignError(f"{path}: cannot read campaign file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CampaignError(f"{path}: not valid TOML: {exc}") from None
+    loader = _Loader(path, text)
+    top = _Table(loader, data, "campaign file")
+    top.no_unknown({"campaign", "recipients", "sources", "auth"})
+
+    c = _Table(loader, top.get("campaign", dict, required=True), "[campaign]")
+    c.no_unknown({"name", "template", "text_template", "fallback_template", "subject", "preheader", "from", "headers"})
+    template = loader.file(c, "template", required=True)
+    assert template is not None
+    root = path.parent
+    for key in ("template", "text_template", "fallback_template"):
+        p = loader.file(c, key, required=False)
+        if p is not None and not p.is_relative_to(root):
+            raise loader.error("[campaign]", key, f"must be inside the campaign folder {root}")
+
+    r = _Table(loader, top.get("recipients", dict, {}), "[recipients]")
+    r.no_unknown({"path", "id_field", "email_field"})
+    if recipients is not None:
+        recipients_path = Path(recipients).resolve()
+        if not recipients_path.is_file():
+            raise CampaignError(f"{recipients_path}: recipient file not found (given by --recipients)")
+    else:
+        found = loader.file(r, "path", required=True)
+        assert found is not None
+        recipients_path = found
+    if recipients_path.suffix not in (".csv", ".jsonl"):
+        raise loader.error("[recipients]", "path", f"must be a .csv or .jsonl file, got {recipients_path.name}")
+
+    from_ = c.get("from", str, required=True)
+    if "@" not in email.utils.parseaddr(from_)[1]:
+        raise loader.error("[campaign]", "from", f"has no email address: {from_!r}; write it as 'Name <user@domain>'")
+    auths = _load_auths(loader, top.get("auth", dict, {}))
+    sources_table = top.get("sources", dict, {})
+    sources = {name: _load_source(loader, name, value, auths) for name, value in sources_table.items()}
+
+    return Campaign(
+        path=path,
+        name=c.get("name", str, required=True),
+        template=template,
+        text_template=loader.file(c, "text_template", required=False),
+        fallback_template=loader.file(c, "fallback_template", required=False),
+        subject=c.get("subject", str, required=True),
+        preheader=c.get("preheader", str),
+        from_=from_,
+        headers=c.strings("headers"),
+        recipients=RecipientsConfig(
+            path=recipients_path,
+            id_field=r.get("id_field", str, "id"),
+            email_field=r.get("email_field", str, "email"),
+        ),
+        sources=sources,
+    )
+
+
+_AUTH_KEYS = {
+    "bearer": {"token_env"},
+    "header": {"name", "value_env"},
+    "basic": {"username_env", "password_env"},
+    "oauth2": {"token_url", "client_id_env", "client_secret_env", "scope"},
+}
+
+
+def _load_auths(loader: _Loader, tables: dict[str, Any]) -> dict[str, Auth]:
+    return {name: _load_auth(loader, _Table(loader, value, f"[auth.{name}]"), name) for name, value in tables.items()}
+
+
+def _load_auth(loader: _Loader, a: _Table, name: str) -> Auth:
+    kind = a.get("type", str, required=True)
+    if kind not in _AUTH_KEYS:
+        raise loader.error(a.where, "type", f"must be one of {', '.join(sorted(_AUTH_KEYS))}, got {kind!r}")
+    a.no_unknown({"type"} | _AUTH_KEYS[kind])
+    if kind == "bearer":
+        return Auth(kind, name, secret=a.env("token_env"))
+    if kind == "header":
+        return Auth(kind, name, header_name=a.get("name", str, required=True), secret=a.env("value_env"))
+    if kind == "basic":
+        return Auth(kind, name, username=a.env("username_env"), secret=a.env("password_env"))
+    token_url = a.get("token_url", str, required=True)
+    _check_url(loader, a.where, "token_url", token_url, allow_http=False)
+    return Auth(
+        kind,
+        name,
+        token_url=token_url,
+        client_id=a.env("client_id_env"),
+        client_secret=a.env("client_secret_env"),
+        scope=a.get("scope", str, ""),
+    )
+
+
+_SOURCE_KEYS = {
+    "url", "headers", "auth", "timeout", "retries", "cache_ttl", "required", "deadline",
+    "backoff_initial", "backoff_max", "rate_limit", "concurrency", "stale_if_error",
+    "max_bytes", "allow_insecure_http", "follow_redirects", "batch",
+}  # fmt: skip
+
+
+def _load_source(loader: _Loader, name: str, value: Any, auths: dict[str, Auth]) -> Source:
+    where = f"[sources.{name}]"
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise loader.error(where, None, "name must be a template identifier (letters, digits, _), so templates can use it")
+    s = _Table(loader, value, where)
+    s.no_unknown(_SOURCE_KEYS)
+    allow_http = s.get("allow_insecure_http", bool, False)
+    url = s.get("url", str, required=True)
+    _check_url(loader, where, "url", url, allow_http)
+
+    auth_value = s.get("auth", (str, dict))
+    auth = None
+    if isinstance(auth_value, str):
+        if auth_value not in auths:
+            known = ", ".join(sorted(auths)) or "none defined"
+            raise loader.error(where, "auth", f"names [auth.{auth_value}], which is not defined ({known})")
+        auth = auths[auth_value]
+    elif auth_value is not None:
+        auth = _load_auth(loader, _Table(loader, auth_value, f"{where} auth"), name)
+
+    batch = None
+    if (batch_value := s.get("batch", dict)) is not None:
+        b = _Table(loader, batch_value, f"{where} batch")
+        b.no_unknown({"url", "size", "items", "key", "linger"})
+        batch_url = b.get("url", str, required=True)
+        _check_url(loader, b.where, "url", batch_url, allow_http)
+        batch = Batch(
+            url=batch_url,
+            size=b.integer("size", 100, minimum=1),
+            items=b.get("items", str, required=True),
+            key=b.get("key", str, required=True),
+            linger=b.number("linger", DEFAULT_BATCH_LINGER),
+        )
+
+    backoff_initial = s.number("backoff_initial", DEFAULT_BACKOFF_INITIAL)
+    backoff_max = s.number("backoff_max", DEFAULT_BACKOFF_MAX)
+    if backoff_max < backoff_initial:
+        raise loader.error(where, "backoff_max", f"must be >= backoff_initial ({backoff_initial:g})")
+    concurrency = s.integer("concurrency", None, minimum=1)
+    return Source(
+        name=name,
+        url=url,
+        headers=s.strings("headers"),
+        auth=auth,
+        timeout=s.number("timeout", DEFAULT_TIMEOUT, above=True),
+        retries=s.integer("retries", DEFAULT_RETRIES),
+        cache_ttl=s.number("cache_ttl", DEFAULT_CACHE_TTL),
+        required=s.get("required", bool, False),
+        deadline=s.number("deadline", DEFAULT_DEADLINE, above=True),
+        backoff_initial=backoff_initial,
+        backoff_max=backoff_max,
+        rate_limit=s.number("rate_limit", None, above=True),
+        concurrency=concurrency,
+        stale_if_error=s.number("stale_if_error", 0),
+        max_bytes=s.integer("max_bytes", DEFAULT_MAX_BYTES, minimum=1),
+        allow_insecure_http=allow_http,
+        follow_redirects=s.get("follow_redirects", bool, False),
+        batch=batch,
+    )
+
+
+def _check_url(loader: _Loader, where: str, key: str, url: str, allow_http: bool) -> None:
+    """The scheme, host and port must be written out: recipient data may fill
+    the path and query, never choose where a request goes."""
+    origin_end = url.find("/", url.find("://") + 3) if "://" in url else -1
+    origin = url if origin_end == -1 else url[:origin_end]
+    if "{" in origin or "%" in origin:
+        raise loader.error(where, key, "must not template the scheme, host or port; put {{ }} in the path or query only")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise loader.error(where, key, f"must be an absolute http(s) URL, got {url!r}")
+    if parts.username or parts.password:
+        raise loader.error(where, key, "must not carry credentials; use auth = { ... } with *_env keys")
+    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS and not allow_http:
+        raise loader.error(
+            where,
+            key,
+            f"uses plain http:// for {parts.hostname}; use https://, or set allow_insecure_http = true in the source",
+        )

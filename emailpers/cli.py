@@ -1,0 +1,163 @@
+"""The command line. The only module that prints, exits or imports click."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from emailpers import __version__
+from emailpers.campaign import Campaign, load_campaign
+from emailpers.errors import EmailpersError
+from emailpers.output import FORMATS
+from emailpers.pipeline import DEFAULT_CONCURRENCY, RunOptions, render_campaign
+from emailpers.recipients import count_rows
+from emailpers.report import summary
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_RECIPIENTS = 0, 1, 2, 3
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="emailpers")
+def cli() -> None:
+    """Render personalised emails with live API data, moments before the send.
+
+    For every recipient, emailpers fetches the campaign's sources (retries,
+    backoff, a short disk cache), renders the MJML/Jinja templates, and writes
+    an .eml file. Where live data is late, down or wrong, the email still goes
+    out with its static fallback blocks, and the manifest says what happened.
+
+    \b
+    Exit codes: 0 every recipient has an outcome, 1 the run could not start
+    (or stopped on an error), 2 usage, 3 some recipients failed,
+    4 stopped early by --max-error-rate.
+    """
+
+
+def _fail(exc: EmailpersError) -> None:
+    click.echo(f"Error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except EmailpersError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: finished recipients are in the manifest; run the same command to resume.", err=True)
+        sys.exit(130)
+
+
+def _load(campaign_file: Path, recipients: Path | None) -> Campaign:
+    return load_campaign(campaign_file, recipients)
+
+
+@contextmanager
+def _progress(campaign: Campaign, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    total = count_rows(campaign.recipients.path)
+    with click.progressbar(length=total, label="Rendering", file=sys.stderr, show_pos=True, show_eta=True) as bar:
+        yield bar.update
+
+
+def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by `render` and `cache warm`."""
+    for option in reversed(
+        [
+            click.option("--recipients", type=click.Path(dir_okay=False, path_type=Path),
+                         help="Recipient file (.csv or .jsonl); overrides [recipients] path."),
+            click.option("--concurrency", type=click.IntRange(1, 4096), default=DEFAULT_CONCURRENCY, show_default=True,
+                         help="Requests in flight at once, over all sources."),
+            click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                         help="Response cache folder [default: .emailpers-cache next to the campaign file]."),
+            click.option("--max-error-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                         help="Stop (exit 4) when more than this share of a source's first 200 fetches fail."),
+            click.option("--progress/--no-progress", default=True, help="Progress bar on a terminal."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: messages/, manifest.jsonl, report.json.")
+@click.option("--format", "formats", type=click.Choice(FORMATS), default="eml", show_default=True,
+              help="eml: one .eml per recipient; html: .html and .txt; all: both.")
+@run_options
+@click.option("--workers", type=click.IntRange(0, 64),
+              help="Render processes [default: one per core; 0 renders in the main process].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
+@click.option("--offline", is_flag=True, help="Use only the cache; no network. Recipients without cached data fall back.")
+@click.option("--fresh", is_flag=True, help="Start over: forget the manifest and messages in --out instead of resuming.")
+def render(
+    campaign_file: Path,
+    out: Path,
+    formats: str,
+    recipients: Path | None,
+    concurrency: int,
+    cache_dir: Path | None,
+    max_error_rate: float | None,
+    progress: bool,
+    workers: int | None,
+    no_cache: bool,
+    offline: bool,
+    fresh: bool,
+) -> None:
+    """Render CAMPAIGN (a .toml file) for every recipient into --out.
+
+    Running the same command again on the same --out resumes: recipients
+    already in the manifest are not done again.
+    """
+    if no_cache and offline:
+        raise click.UsageError("--offline reads the cache; it cannot be combined with --no-cache")
+    with _errors():
+        campaign = _load(campaign_file, recipients)
+        options = RunOptions(
+            out=out,
+            formats=formats,
+            concurrency=concurrency,
+            workers=workers,
+            cache_dir=cache_dir,
+            use_cache=not no_cache,
+            offline=offline,
+            fresh=fresh,
+            max_error_rate=max_error_rate,
+        )
+        with _progress(campaign, progress) as update:
+            report = render_campaign(campaign, options, update)
+    click.echo(summary(report))
+    click.echo(f"Output: {out}/ (manifest.jsonl, report.json, messages/)")
+    sys.exit(EXIT_FAILED_RECIPIENTS if report["this_run"]["failed"] else EXIT_OK)
+
+
+@cli.command()
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
+              show_default=True, help="Output folder for the demo's emails.")
+def demo(out: Path) -> None:
+    """Render the sample campaign against a sample API started on loopback.
+
+    The sample API has realistic latency and a few deliberate failures (a user
+    slower than the timeout, a 500, a flaky one that succeeds on retry). The
+    campaign runs twice: cold, then again on the warm cache.
+    """
+    from emailpers.demo import run_demo
+
+    with _errors():
+        for title, report, folder in run_demo(out):
+            click.echo(f"\n== {title} -> {folder}")
+            click.echo(summary(report))
+    click.echo(f"\nOpen {out}/messages/*.eml in a mail client, or read {out}/manifest.jsonl.")
+
+
+def main() -> None:
+    cli(prog_name="emailpers")

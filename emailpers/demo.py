@@ -1,0 +1,140 @@
+"""`emailpers demo`: a sample API on a loopback port, the sample campaign
+rendered against it, cold and then warm.
+
+The sample API serves `sample_data/api.json` with realistic latency and the
+deliberate failures listed there; it checks the credentials the campaign
+sends, so the demo exercises auth too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from emailpers.campaign import Campaign, load_campaign
+from emailpers.errors import CampaignError
+from emailpers.pipeline import RunOptions, render_campaign
+
+DEMO_TOKEN = "demo-token-not-a-secret"
+DEMO_KEY = "demo-key-not-a-secret"
+_ROUTE = re.compile(r"^/v1/users/([^/]+)/(cart|loyalty)$")
+
+
+def project_root() -> Path:
+    """The checkout holding templates/ and sample_data/ (editable install or
+    a run from the checkout)."""
+    for candidate in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (candidate / "templates" / "campaign.toml").is_file() and (candidate / "sample_data").is_dir():
+            return candidate
+    raise CampaignError(
+        "the sample campaign (templates/campaign.toml, sample_data/) was not found; "
+        "run the demo from the emailpers checkout after `pip install -e .`"
+    )
+
+
+class SampleAPI:
+    """A threaded HTTP server on 127.0.0.1 serving the fixtures."""
+
+    def __init__(self, fixtures: dict[str, Any], slow_seconds: float = 1.5) -> None:
+        self.users: dict[str, Any] = fixtures["users"]
+        self.behaviours: dict[str, str] = fixtures.get("behaviours", {})
+        self.latency = tuple(fixtures.get("latency_ms", (20, 80)))
+        self.slow_seconds = slow_seconds
+        self.hits: dict[str, int] = {}
+        self._lock = threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                api.handle(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> SampleAPI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handle(self, request: BaseHTTPRequestHandler) -> None:
+        match = _ROUTE.match(request.path)
+        if match is None:
+            return self._send(request, 404, {"error": "not found"})
+        user_id, kind = match.groups()
+        expected = ("Authorization", f"Bearer {DEMO_TOKEN}") if kind == "cart" else ("X-API-Key", DEMO_KEY)
+        if request.headers.get(expected[0]) != expected[1]:
+            return self._send(request, 401, {"error": "bad credentials"})
+        with self._lock:
+            hits = self.hits[f"{kind}/{user_id}"] = self.hits.get(f"{kind}/{user_id}", 0) + 1
+        behaviour = self.behaviours.get(user_id) if kind == "cart" else None
+        time.sleep(random.uniform(*self.latency) / 1000)
+        if behaviour == "slow":
+            time.sleep(self.slow_seconds)
+        if behaviour == "error500" or (behaviour == "flaky" and hits == 1):
+            return self._send(request, 500, {"error": "internal error"})
+        user = self.users.get(user_id)
+        if user is None:
+            return self._send(request, 404, {"error": f"no user {user_id}"})
+        if kind == "cart":
+            body = {k: v for k, v in user.items() if k not in ("loyalty_points", "tier")}
+        else:
+            body = {"user_id": user_id, "points": user["loyalty_points"], "tier": user["tier"]}
+        self._send(request, 200, body)
+
+    def _send(self, request: BaseHTTPRequestHandler, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        try:
+            request.send_response(status)
+            request.send_header("Content-Type", "application/json")
+            request.send_header("Content-Length", str(len(data)))
+            request.end_headers()
+            request.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout): nothing to do
+
+
+def point_at(campaign: Campaign, origin: str) -> Campaign:
+    """The campaign with every source URL's origin replaced by `origin`."""
+    sources = {
+        name: replace(source, url=re.sub(r"^https?://[^/]+", origin, source.url))
+        for name, source in campaign.sources.items()
+    }
+    return replace(campaign, sources=sources)
+
+
+def run_demo(out: Path) -> Iterator[tuple[str, dict[str, Any], Path]]:
+    """Render the sample campaign twice: cold into `out`, then on the warm
+    cache into `out/warm-run`. Yields (title, report, folder) per run."""
+    root = project_root()
+    os.environ["SHOP_API_TOKEN"] = DEMO_TOKEN  # the sample API checks these
+    os.environ["SHOP_API_KEY"] = DEMO_KEY
+    fixtures = json.loads((root / "sample_data" / "api.json").read_text(encoding="utf-8"))
+    cache_dir = out / ".emailpers-cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    with SampleAPI(fixtures) as api:
+        campaign = point_at(load_campaign(root / "templates" / "campaign.toml"), api.origin)
+        runs = (("Run 1: cold cache", out), ("Run 2: same campaign on the warm cache", out / "warm-run"))
+        for title, folder in runs:
+            options = RunOptions(out=folder, cache_dir=cache_dir, fresh=True, workers=0)
+            yield title, render_campaign(campaign, options), folder

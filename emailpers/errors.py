@@ -1,0 +1,79 @@
+"""The exceptions emailpers raises.
+
+    EmailpersError                 anything the CLI turns into "Error: ..." and an exit code
+    ├── CampaignError              the run cannot start: campaign file, templates, env vars (exit 1)
+    ├── OutputError                the output folder cannot be used (exit 1)
+    └── UnhealthySource            a source failed too often; the run stopped early (exit 4)
+
+    RecipientError                 one recipient cannot be served; recorded in the manifest,
+    │                              the run goes on
+    ├── InvalidRecipient           the row itself is bad (status "invalid")
+    └── RenderFailed               rendering failed (status "failed")
+
+    SourceError                    one fetch for one recipient failed; becomes a fallback
+    ├── FetchTimeout               no answer within the source's timeout
+    ├── BadResponse                a final HTTP status, a body that is not JSON, too large
+    └── TransientError             worth retrying: connection error, 429, 5xx
+"""
+
+from __future__ import annotations
+
+
+class EmailpersError(Exception):
+    """Base of the errors that end a command."""
+
+    exit_code = 1
+
+
+class CampaignError(EmailpersError):
+    """The campaign (TOML, templates, environment) is unusable; nothing was run."""
+
+
+class OutputError(EmailpersError):
+    """The output folder cannot be written or its manifest cannot be read."""
+
+
+class UnhealthySource(EmailpersError):
+    """A source failed for too large a share of its first fetches."""
+
+    exit_code = 4
+
+
+class RecipientError(Exception):
+    """One recipient cannot be served. The message goes into the manifest."""
+
+
+class InvalidRecipient(RecipientError):
+    """A row of the recipient file is unusable (no id, bad email, duplicate)."""
+
+
+class RenderFailed(RecipientError):
+    """A recipient's email could not be rendered."""
+
+
+class SourceError(Exception):
+    """One source's fetch for one recipient failed."""
+
+    outcome = "error"
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class FetchTimeout(SourceError):
+    outcome = "timeout"
+
+
+class BadResponse(SourceError):
+    """A final answer: retrying will not change it."""
+
+
+class TransientError(SourceError):
+    """Worth another attempt (connection error, 429, 5xx)."""
+
+    def __init__(
+        self, message: str, status_code: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status_code)
+        self.retry_after = retry_after

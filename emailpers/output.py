@@ -1,0 +1,196 @@
+"""What a run leaves on disk: message files and the manifest, its journal.
+
+Message files are written whole (temporary file, then rename) before their
+manifest line, so a run killed at any moment leaves only whole files, and the
+manifest says exactly which recipients are done. Running again resumes.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.charset
+import email.utils
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from email.header import Header
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import compat32
+from pathlib import Path
+from typing import Any
+
+from emailpers.errors import OutputError
+from emailpers.render import Email
+
+FORMATS = ("eml", "html", "all")
+MANIFEST = "manifest.jsonl"
+REPORT = "report.json"
+MESSAGES = "messages"
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_POLICY = compat32.clone(linesep="\r\n")
+_UTF8_QP = email.charset.Charset("utf-8")
+_UTF8_QP.body_encoding = email.charset.QP
+
+
+def file_stem(recipient_id: str) -> str:
+    """A file name for any id: the id itself when it is plainly safe, else an
+    encoding of it (`~` + base32) that cannot collide with a safe id and can
+    never be a path."""
+    if _SAFE_ID.match(recipient_id) and not recipient_id.endswith("."):
+        return recipient_id
+    encoded = base64.b32encode(recipient_id.encode()).decode().rstrip("=").lower()
+    if len(encoded) > 100:
+        encoded = "h" + hashlib.sha256(recipient_id.encode()).hexdigest()
+    return "~" + encoded
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Per-run header values, prepared once."""
+
+    from_: str
+    domain: str
+
+    @classmethod
+    def parse(cls, from_: str) -> Envelope:
+        name, address = email.utils.parseaddr(from_)
+        if "@" not in address:
+            raise OutputError(f"[campaign] from {from_!r} has no email address; write it as 'Name <user@domain>'")
+        return cls(email.utils.formataddr((name, address), charset="utf-8"), address.rpartition("@")[2])
+
+
+def _header(value: str) -> str | Header:
+    return value if value.isascii() else Header(value, "utf-8")
+
+
+def build_eml(message: Email, to: str, envelope: Envelope) -> bytes:
+    """multipart/alternative, text/plain then text/html, CRLF line endings.
+
+    The legacy email.mime classes with compat32 cost ~0.6 ms a message here,
+    EmailMessage with the modern policy 2-3 ms for the same bytes."""
+    msg = MIMEMultipart("alternative")
+    msg["From"] = envelope.from_
+    msg["To"] = to
+    msg["Subject"] = _header(message.subject)
+    msg["Date"] = email.utils.formatdate(usegmt=True)
+    msg["Message-ID"] = f"<{uuid.uuid4().hex}@{envelope.domain}>"
+    for name, value in message.headers.items():
+        msg[name] = _header(value)
+    for body, subtype in ((message.text, "plain"), (message.html, "html")):
+        part = MIMEText(body, subtype, _UTF8_QP)
+        del part["MIME-Version"]  # belongs on the top level only
+        msg.attach(part)
+    return msg.as_bytes(policy=_POLICY)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_message(out: Path, recipient_id: str, to: str, message: Email, formats: str, envelope: Envelope) -> list[str]:
+    """Write one recipient's files whole; return their paths relative to `out`."""
+    stem = file_stem(recipient_id)
+    written: list[tuple[str, bytes]] = []
+    if formats in ("eml", "all"):
+        written.append((f"{stem}.eml", build_eml(message, to, envelope)))
+    if formats in ("html", "all"):
+        written.append((f"{stem}.html", message.html.encode()))
+        written.append((f"{stem}.txt", message.text.encode()))
+    for name, data in written:
+        write_atomic(out / MESSAGES / name, data)
+    return [f"{MESSAGES}/{name}" for name, _ in written]
+
+
+@dataclass
+class Done:
+    """What an earlier run on the same output folder already finished."""
+
+    ids: set[str] = field(default_factory=set)
+    invalid_rows: set[int] = field(default_factory=set)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class Manifest:
+    """The journal: one JSON line per finished recipient, appended in batches
+    (a line is only ever written after its files are whole)."""
+
+    FLUSH_LINES = 256
+    FLUSH_SECONDS = 0.5
+
+    def __init__(self, out: Path, *, fresh: bool) -> None:
+        self.out = out
+        self.path = out / MANIFEST
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                self._clear()
+            (out / MESSAGES).mkdir(exist_ok=True)
+            for leftover in (out / MESSAGES).glob(".*.tmp"):  # from a killed run
+                leftover.unlink()
+            self.done = self._read()
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot use output folder: {exc.strerror}") from None
+        self._buffer: list[str] = []
+        self._last_flush = time.monotonic()
+
+    def _clear(self) -> None:
+        for name in (MANIFEST, REPORT):
+            (self.out / name).unlink(missing_ok=True)
+        shutil.rmtree(self.out / MESSAGES, ignore_errors=True)
+
+    def _read(self) -> Done:
+        done = Done()
+        if not self.path.exists():
+            return done
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):  # a line cut off by a kill: that recipient is redone
+                f.truncate(end)
+        for number, line in enumerate(data[:end].splitlines(), start=1):
+            try:
+                entry = json.loads(line)
+                status = entry["status"]
+            except (ValueError, KeyError, TypeError):
+                raise OutputError(
+                    f"{self.path}:{number}: not a manifest line; use a new --out folder or --fresh to start over"
+                ) from None
+            done.counts[status] = done.counts.get(status, 0) + 1
+            if status == "invalid":
+                done.invalid_rows.add(entry.get("row", -1))
+            else:
+                done.ids.add(entry["id"])
+        return done
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self._buffer.append(json.dumps(entry, ensure_ascii=False, separators=(",", ":")))
+        if len(self._buffer) >= self.FLUSH_LINES or time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._file.write("\n".join(self._buffer) + "\n")
+            self._buffer.clear()
+        self._file.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+
+    def entries(self) -> Iterable[dict[str, Any]]:
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)

@@ -1,0 +1,99 @@
+"""The run's report: counts by status, per-source figures, throughput.
+Built from values; formatting for humans is `summary()`, for machines JSON."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from emailpers.sources import SourceStats
+
+STATUSES = ("rendered", "fallback", "skipped", "invalid", "failed")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return round(ordered[rank - 1], 1)
+
+
+def source_report(stats: SourceStats) -> dict[str, Any]:
+    lat = stats.latencies_ms
+    return {
+        "requests": stats.requests,
+        "cache_hits": stats.cache_hits,
+        "dedupe_hits": stats.dedupe_hits,
+        "batches": stats.batches,
+        "retries": stats.retries,
+        "errors": stats.errors,
+        "status_429": stats.status_429,
+        "stale": stats.stale,
+        "token_renewals": stats.token_renewals,
+        "fallbacks": stats.fallbacks,
+        "latency_ms": {
+            "p50": percentile(lat, 50),
+            "p95": percentile(lat, 95),
+            "p99": percentile(lat, 99),
+            "max": round(max(lat), 1) if lat else None,
+        },
+        "top_errors": dict(sorted(stats.error_kinds.items(), key=lambda kv: -kv[1])[:5]),
+    }
+
+
+def build_report(
+    *,
+    campaign: str,
+    counts: dict[str, int],
+    previous: dict[str, int],
+    sources: dict[str, SourceStats],
+    elapsed: float,
+    stopped: str | None = None,
+) -> dict[str, Any]:
+    done = sum(counts.values())
+    total = {s: counts.get(s, 0) + previous.get(s, 0) for s in STATUSES}
+    return {
+        "campaign": campaign,
+        "this_run": {s: counts.get(s, 0) for s in STATUSES},
+        "total": total,
+        "resumed_from_previous_runs": sum(previous.values()),
+        "sources": {name: source_report(stats) for name, stats in sources.items()},
+        "elapsed_s": round(elapsed, 3),
+        "recipients_per_s": round(done / elapsed, 1) if elapsed > 0 else None,
+        "stopped": stopped,
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}ms"
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The lines printed at the end of a run."""
+    this, total = report["this_run"], report["total"]
+    lines = [f"Campaign {report['campaign']}: {sum(this.values())} recipients this run in {report['elapsed_s']:.2f}s"
+             f" ({report['recipients_per_s'] or 0:g}/s)"]
+    if report["resumed_from_previous_runs"]:
+        lines.append(f"  resumed: {report['resumed_from_previous_runs']} already done by an earlier run")
+    lines.append("  " + "  ".join(f"{s} {total[s]}" for s in STATUSES) + "   (manifest total)")
+    for name, s in report["sources"].items():
+        lat = s["latency_ms"]
+        extras = [
+            f"{s[key]} {label}"
+            for key, label in (("dedupe_hits", "deduped"), ("batches", "batches"), ("status_429", "429s"),
+                               ("stale", "stale"), ("token_renewals", "token renewals"))
+            if s[key]
+        ]
+        lines.append(
+            f"  source {name}: {s['requests']} requests, {s['cache_hits']} cache hits, {s['retries']} retries, "
+            f"{s['errors']} errors, {s['fallbacks']} fallbacks"
+            + (", " + ", ".join(extras) if extras else "")
+            + f"; latency p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} max {_ms(lat['max'])}"
+        )
+        for error, count in s["top_errors"].items():
+            lines.append(f"      {count} x {error}")
+    if report["stopped"]:
+        lines.append(f"  STOPPED EARLY: {report['stopped']}")
+    return "\n".join(lines)

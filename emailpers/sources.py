@@ -1,0 +1,522 @@
+"""Fetch each recipient's live data: URL building, auth, retries, cache,
+dedupe, rate limits and batching. One `Fetcher` per run.
+
+Every fetch ends in a `Fetched` value, never an exception: a source that is
+late, down or returns garbage is an outcome for that recipient, and rendering
+decides what to do with it. The exceptions that do escape are the ones that
+should stop the run (the OAuth token endpoint refusing us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
+
+import httpx
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from emailpers.cache import ResponseCache, cache_key
+from emailpers.campaign import Auth, Campaign, Source
+from emailpers.errors import BadResponse, EmailpersError, FetchTimeout, SourceError, TransientError
+
+OK_OUTCOMES = frozenset({"live", "cache", "stale"})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
+
+
+class AuthFailed(EmailpersError):
+    """The OAuth token endpoint did not give us a token: every request would fail."""
+
+
+@dataclass(slots=True)
+class Fetched:
+    """What one source gave one recipient."""
+
+    outcome: str  # live | cache | stale | error | timeout | skipped
+    data: Any = None
+    attempts: int = 0
+    ms: float = 0.0
+    status_code: int | None = None
+    error: str | None = None
+    shared: bool = False  # answered by another recipient's identical request
+    storable: bool = True  # Cache-Control allows caching
+    max_age: float | None = None  # Cache-Control max-age
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in OK_OUTCOMES
+
+    def manifest(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "outcome": self.outcome,
+            "attempts": self.attempts,
+            "ms": round(self.ms, 1),
+            "status_code": self.status_code,
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class SourceStats:
+    """Counters for the report. Latencies are of fetches that went to the network."""
+
+    requests: int = 0
+    cache_hits: int = 0
+    dedupe_hits: int = 0
+    batches: int = 0
+    retries: int = 0
+    errors: int = 0
+    status_429: int = 0
+    stale: int = 0
+    token_renewals: int = 0
+    fallbacks: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+
+# -- URLs ----------------------------------------------------------------------
+
+
+def _encode(value: Any) -> str:
+    """Every substituted value is percent-encoded, dots included, so it can
+    fill a path segment or a query value and never add a segment, a `..`, a
+    query, a fragment or an authority."""
+    if value is None:
+        raise jinja2.UndefinedError("a value in the URL is empty (None)")
+    return quote(str(value), safe="").replace(".", "%2E")
+
+
+def url_environment() -> SandboxedEnvironment:
+    return SandboxedEnvironment(undefined=jinja2.StrictUndefined, finalize=_encode, autoescape=False)
+
+
+# -- auth ------------------------------------------------------------------------
+
+
+class TokenProvider:
+    """OAuth 2.0 client credentials: one token shared by every request of the
+    run, renewed shortly before it expires or when a request gets a 401."""
+
+    RENEW_MARGIN = 30.0  # seconds before expiry
+
+    def __init__(self, auth: Auth, client: httpx.AsyncClient, clock: Callable[[], float]) -> None:
+        self.auth = auth
+        self.client = client
+        self.clock = clock
+        self.token = ""
+        self.expires_at = 0.0
+        self.renewals = 0
+        self._lock = asyncio.Lock()
+
+    async def header(self, *, renew_from: str | None = None) -> str:
+        """`renew_from`: the token a 401 rejected; renew unless someone already did."""
+        async with self._lock:
+            stale = self.clock() >= self.expires_at - min(self.RENEW_MARGIN, self._lifetime / 10)
+            if not self.token or stale or self.token == renew_from:
+                await self._renew()
+            return f"Bearer {self.token}"
+
+    _lifetime = 3600.0
+
+    async def _renew(self) -> None:
+        data = {"grant_type": "client_credentials"}
+        if self.auth.scope:
+            data["scope"] = self.auth.scope
+        where = f"[auth.{self.auth.name}] token_url {self.auth.token_url}"
+        try:
+            response = await self.client.post(
+                self.auth.token_url, data=data, auth=(self.auth.client_id, self.auth.client_secret), timeout=10.0
+            )
+        except httpx.HTTPError as exc:
+            raise AuthFailed(f"{where}: cannot reach the token endpoint: {type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            raise AuthFailed(
+                f"{where}: the token endpoint answered {response.status_code}; "
+                "check the client id, secret and scope in the environment"
+            )
+        try:
+            body = response.json()
+            token = body["access_token"]
+            lifetime = float(body.get("expires_in", 3600))
+        except (ValueError, KeyError, TypeError):
+            raise AuthFailed(f"{where}: the token endpoint's answer has no access_token") from None
+        if self.token:
+            self.renewals += 1
+        self.token, self._lifetime = str(token), lifetime
+        self.expires_at = self.clock() + lifetime
+
+
+def static_auth_headers(auth: Auth | None) -> dict[str, str]:
+    if auth is None or auth.kind == "oauth2":
+        return {}
+    if auth.kind == "bearer":
+        return {"Authorization": f"Bearer {auth.secret}"}
+    if auth.kind == "basic":
+        pair = base64.b64encode(f"{auth.username}:{auth.secret}".encode()).decode()
+        return {"Authorization": f"Basic {pair}"}
+    return {auth.header_name: auth.secret}
+
+
+# -- limits ----------------------------------------------------------------------
+
+
+class RateLimiter:
+    """Requests per second, shared by all concurrent fetches of a source:
+    each request takes the next free slot, 1/rate apart."""
+
+    def __init__(self, rate: float, clock: Callable[[], float], sleep: Callable[[float], Awaitable[None]]) -> None:
+        self.interval = 1.0 / rate
+        self.clock = clock
+        self.sleep = sleep
+        self.next_slot = 0.0
+
+    async def wait(self) -> None:
+        now = self.clock()
+        slot = max(now, self.next_slot)
+        self.next_slot = slot + self.interval
+        if slot > now:
+            await self.sleep(slot - now)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def parse_max_age(value: str | None) -> tuple[bool, float | None]:
+    """(storable, max-age) from Cache-Control."""
+    if not value:
+        return True, None
+    storable, max_age = True, None
+    for part in value.lower().split(","):
+        name, _, arg = part.strip().partition("=")
+        if name in ("no-store", "no-cache", "private"):
+            storable = False
+        elif name in ("max-age", "s-maxage") and arg.strip().strip('"').isdigit():
+            age = float(arg.strip().strip('"'))
+            max_age = age if max_age is None else min(max_age, age)
+    return storable, max_age
+
+
+# -- the fetcher -----------------------------------------------------------------
+
+
+@dataclass
+class _Answer:
+    data: Any
+    status_code: int
+    cache_control: str | None
+
+
+class _SourceRuntime:
+    """Per source, per run: compiled URL templates, headers, limits, stats."""
+
+    def __init__(self, source: Source, env: SandboxedEnvironment, fetcher: Fetcher) -> None:
+        self.source = source
+        self.url = env.from_string(source.url)
+        self.batch_url = env.from_string(source.batch.url) if source.batch else None
+        self.headers = {**source.headers, **static_auth_headers(source.auth)}
+        self.token = fetcher.token_provider(source.auth) if source.auth and source.auth.kind == "oauth2" else None
+        limit = source.concurrency or fetcher.concurrency
+        self.slots = asyncio.Semaphore(limit)
+        self.rate = RateLimiter(source.rate_limit, fetcher.clock, fetcher.sleep) if source.rate_limit else None
+        self.stats = SourceStats()
+        self.pending: dict[str, tuple[dict[str, Any], asyncio.Future[Fetched]]] = {}
+        self.linger: asyncio.TimerHandle | None = None
+
+
+class Fetcher:
+    """Gets each source's data for each recipient. Collaborators are passed in
+    so tests can give it a real loopback client, a real cache folder and a
+    fast clock."""
+
+    def __init__(
+        self,
+        campaign: Campaign,
+        client: httpx.AsyncClient,
+        cache: ResponseCache | None,
+        *,
+        offline: bool = False,
+        concurrency: int = 32,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.client = client
+        self.cache = cache
+        self.offline = offline
+        self.concurrency = concurrency
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.sleep = sleep
+        self.id_field = campaign.recipients.id_field
+        self._tokens: dict[str, TokenProvider] = {}
+        env = url_environment()
+        self.sources = {name: _SourceRuntime(s, env, self) for name, s in campaign.sources.items()}
+        self._inflight: dict[str, asyncio.Future[Fetched]] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def token_provider(self, auth: Auth) -> TokenProvider:
+        if auth.name not in self._tokens:
+            self._tokens[auth.name] = TokenProvider(auth, self.client, self.clock)
+        return self._tokens[auth.name]
+
+    def stats(self) -> dict[str, SourceStats]:
+        for runtime in self.sources.values():
+            if runtime.token:
+                runtime.stats.token_renewals = runtime.token.renewals
+        return {name: runtime.stats for name, runtime in self.sources.items()}
+
+    async def fetch_all(self, fields: dict[str, Any], names: list[str] | None = None) -> dict[str, Fetched]:
+        """Every source for one recipient, concurrently."""
+        names = list(self.sources) if names is None else names
+        if len(names) == 1:
+            return {names[0]: await self.fetch(names[0], fields)}
+        results = await asyncio.gather(*(self.fetch(name, fields) for name in names))
+        return dict(zip(names, results))
+
+    async def fetch(self, name: str, fields: dict[str, Any]) -> Fetched:
+        runtime = self.sources[name]
+        stats = runtime.stats
+        try:
+            url = runtime.url.render(fields)
+        except jinja2.UndefinedError as exc:
+            return self._count(stats, Fetched("error", error=f"url: {exc}"))
+        key = cache_key("GET", url)
+        cached = self.cache.get(key) if self.cache is not None and runtime.source.cache_ttl > 0 else None
+        if cached is not None and cached.is_fresh(self.wall_clock()):
+            stats.cache_hits += 1
+            return Fetched("cache", cached.data)
+        if self.offline:
+            return Fetched("skipped", error="offline and not in the cache")
+
+        if (waiting := self._inflight.get(key)) is not None:
+            stats.dedupe_hits += 1
+            return replace(await asyncio.shield(waiting), shared=True)
+        future: asyncio.Future[Fetched] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            if runtime.source.batch is not None:
+                result = await self._batched(runtime, fields)
+            else:
+                result = await self._network(runtime, url, record=True)
+            if not result.ok and cached is not None and runtime.source.stale_if_error:
+                stats.stale += 1
+                result = replace(result, outcome="stale", data=cached.data)
+            elif result.outcome == "live" and not result.shared:
+                self._store(runtime, key, url, result)
+            future.set_result(result)
+            return self._count(stats, result)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: dedupe waiters re-raise it, nobody else must
+            raise
+        finally:
+            del self._inflight[key]
+
+    def _count(self, stats: SourceStats, result: Fetched) -> Fetched:
+        if not result.ok and not result.shared:
+            stats.errors += 1
+            kind = result.error or result.outcome
+            stats.error_kinds[kind] = stats.error_kinds.get(kind, 0) + 1
+        return result
+
+    def _store(self, runtime: _SourceRuntime, key: str, url: str, result: Fetched) -> None:
+        source = runtime.source
+        if self.cache is None or source.cache_ttl <= 0 or not result.storable:
+            return
+        fresh_for = source.cache_ttl if result.max_age is None else min(source.cache_ttl, result.max_age)
+        self.cache.set(
+            key, data=result.data, fresh_for=fresh_for, keep_for=fresh_for + source.stale_if_error,
+            source=source.name, url=url,
+        )
+
+    async def _batched(self, runtime: _SourceRuntime, fields: dict[str, Any]) -> Fetched:
+        """Join the source's next batch; it leaves when full or after the linger."""
+        batch = runtime.source.batch
+        assert batch is not None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Fetched] = loop.create_future()
+        runtime.pending[str(fields[self.id_field])] = (fields, future)
+        if len(runtime.pending) >= batch.size:
+            self._flush(runtime)
+        elif runtime.linger is None:
+            runtime.linger = loop.call_later(batch.linger, self._flush, runtime)
+        return await future
+
+    def _flush(self, runtime: _SourceRuntime) -> None:
+        if runtime.linger is not None:
+            runtime.linger.cancel()
+            runtime.linger = None
+        pending, runtime.pending = runtime.pending, {}
+        task = asyncio.ensure_future(self._send_batch(runtime, pending))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_batch(self, runtime: _SourceRuntime, pending: dict[str, tuple[dict[str, Any], asyncio.Future[Fetched]]]) -> None:
+        batch = runtime.source.batch
+        assert batch is not None and runtime.batch_url is not None
+        try:
+            runtime.stats.batches += 1
+            url = runtime.batch_url.render(ids=list(pending))
+            result = await self._network(runtime, url, record=True)
+            index: dict[str, Any] = {}
+            if result.ok:
+                items = result.data.get(batch.items) if isinstance(result.data, dict) else None
+                if not isinstance(items, list):
+                    result = replace(result, outcome="error", data=None,
+                                     error=f"batch response has no list {batch.items!r}")
+                else:
+                    index = {str(item.get(batch.key)): item for item in items if isinstance(item, dict)}
+            for rid, (_, future) in pending.items():
+                if not result.ok:
+                    answer = result
+                elif rid in index:
+                    answer = replace(result, data=index[rid])
+                else:
+                    answer = replace(result, outcome="error", data=None,
+                                     error=f"id {rid} missing from the batch response")
+                if not future.done():
+                    future.set_result(answer)
+        except BaseException as exc:
+            for _, future in pending.values():
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+
+    async def _network(self, runtime: _SourceRuntime, url: str, *, record: bool) -> Fetched:
+        """One logical request with retries, within the source's limits."""
+        source, stats = runtime.source, runtime.stats
+        started = self.clock()
+        attempts = 0
+        last_status: int | None = None
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            after = getattr(exc, "retry_after", None)
+            if after is not None:
+                return float(after)
+            cap = min(source.backoff_max, source.backoff_initial * 2 ** (state.attempt_number - 1))
+            return random.uniform(0, cap)  # full jitter
+
+        def stop(state: RetryCallState) -> bool:
+            elapsed = self.clock() - started
+            return state.attempt_number > source.retries or elapsed + state.upcoming_sleep > source.deadline
+
+        retrying = AsyncRetrying(
+            stop=stop,
+            wait=wait,
+            retry=retry_if_exception_type((TransientError, FetchTimeout)),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    if attempts > 1:
+                        stats.retries += 1
+                    try:
+                        answer = await self._attempt(runtime, url)
+                    except SourceError as exc:
+                        last_status = exc.status_code
+                        if exc.status_code == 429:
+                            stats.status_429 += 1
+                        raise
+        except SourceError as exc:
+            ms = (self.clock() - started) * 1000
+            if record:
+                stats.latencies_ms.append(ms)
+            return Fetched(exc.outcome, None, attempts, ms, last_status, str(exc))
+        ms = (self.clock() - started) * 1000
+        if record:
+            stats.latencies_ms.append(ms)
+        storable, max_age = parse_max_age(answer.cache_control)
+        return Fetched("live", answer.data, attempts, ms, answer.status_code, storable=storable, max_age=max_age)
+
+    async def _attempt(self, runtime: _SourceRuntime, url: str) -> _Answer:
+        source = runtime.source
+        async with runtime.slots:
+            if runtime.rate is not None:
+                await runtime.rate.wait()
+            runtime.stats.requests += 1
+            headers = dict(runtime.headers)
+            if runtime.token is not None:
+                headers["Authorization"] = await runtime.token.header()
+            try:
+                async with asyncio.timeout(source.timeout):
+                    status, response_headers, body = await self._get(url, headers, source)
+                    if status == 401 and runtime.token is not None:
+                        # One renewal, then the same request once more before it counts as failed.
+                        headers["Authorization"] = await runtime.token.header(
+                            renew_from=headers["Authorization"].removeprefix("Bearer ")
+                        )
+                        runtime.stats.requests += 1
+                        status, response_headers, body = await self._get(url, headers, source)
+            except TimeoutError:
+                raise FetchTimeout(f"no answer within {source.timeout:g}s") from None
+            except httpx.TimeoutException:
+                raise FetchTimeout(f"no answer within {source.timeout:g}s") from None
+            except httpx.TransportError as exc:
+                raise TransientError(f"connection failed: {type(exc).__name__}") from None
+        if status == 429 or status >= 500:
+            retry_after = None
+            if status in (429, 503):
+                retry_after = parse_retry_after(response_headers.get("retry-after"), self.wall_clock())
+            raise TransientError(f"HTTP {status}", status, retry_after)
+        if status in _REDIRECTS:
+            raise BadResponse(f"HTTP {status} redirect not followed; set follow_redirects = true", status)
+        if not 200 <= status < 300:
+            raise BadResponse(f"HTTP {status}", status)
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadResponse(f"HTTP {status} but the body is not JSON", status) from None
+        return _Answer(data, status, response_headers.get("cache-control"))
+
+    async def _get(self, url: str, headers: dict[str, str], source: Source) -> tuple[int, httpx.Headers, bytes]:
+        """GET with a body limit, following redirects only when allowed and only
+        on the same scheme, host and port."""
+        origin = urlsplit(url)[:2]
+        for _ in range(_MAX_REDIRECTS + 1):
+            async with self.client.stream("GET", url, headers=headers) as response:
+                status = response.status_code
+                location = response.headers.get("location")
+                if status in _REDIRECTS and location and source.follow_redirects:
+                    target = urljoin(url, location)
+                    if urlsplit(target)[:2] != origin:
+                        raise BadResponse(f"HTTP {status} redirect to another host refused: {target}", status)
+                    url = target
+                    continue
+                chunks = []
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > source.max_bytes:
+                        raise BadResponse(f"response larger than max_bytes ({source.max_bytes} bytes)", status)
+                    chunks.append(chunk)
+                return status, response.headers, b"".join(chunks)
+        raise BadResponse(f"more than {_MAX_REDIRECTS} redirects", status)
