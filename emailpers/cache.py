@@ -62,8 +62,23 @@ class ResponseCache:
                 found.append(entry)
         return found
 
-    def volume(self) -> int:
-        return int(self._cache.volume())
+    def stats(self) -> dict[str, Any]:
+        """Entries, bytes on disk, and per source: entries, fresh ones, oldest."""
+        now = self.clock()
+        per_source: dict[str, dict[str, Any]] = {}
+        entries = self.entries()
+        for entry in entries:
+            s = per_source.setdefault(entry.source, {"entries": 0, "fresh": 0, "oldest_age_s": 0.0})
+            s["entries"] += 1
+            s["fresh"] += entry.is_fresh(now)
+            s["oldest_age_s"] = max(s["oldest_age_s"], round(now - entry.stored_at, 1))
+        return {
+            "directory": str(self.directory),
+            "entries": len(entries),
+            "bytes": int(self._cache.volume()),
+            "oldest_age_s": max((s["oldest_age_s"] for s in per_source.values()), default=None),
+            "sources": per_source,
+        }
 
     def clear(self, source: str | None = None) -> int:
         if source is None:

@@ -164,6 +164,8 @@ class _Table:
         if var is None:
             return ""
         value = os.environ.get(var)
+        if value is None and not self.loader.need_secrets:
+            return ""
         if value is None:
             raise self.loader.error(
                 self.where, key, f"environment variable {var} is not set; export it before running"
@@ -198,8 +200,9 @@ _KEY = re.compile(r"""^\s*("?)([A-Za-z0-9_.-]+)\1\s*=""")
 
 
 class _Loader:
-    def __init__(self, path: Path, text: str) -> None:
+    def __init__(self, path: Path, text: str, need_secrets: bool) -> None:
         self.path = path
+        self.need_secrets = need_secrets
         self.lines: dict[tuple[str, str | None], int] = {}
         table = ""
         for number, line in enumerate(text.splitlines(), start=1):
@@ -210,8 +213,8 @@ class _Loader:
                 self.lines.setdefault((table, m.group(2)), number)
 
     def error(self, where: str, key: str | None, message: str) -> CampaignError:
-        table = where.strip("[]")
-        line = self.lines.get((table, key)) or self.lines.get((table, None))
+        table, _, inline = where.strip("[").partition("]")
+        line = self.lines.get((table, inline.strip() or key)) or self.lines.get((table, None))
         location = f"{self.path}:{line}" if line else str(self.path)
         subject = f"{where} {key}" if key else where
         return CampaignError(f"{location}: {subject} {message}")
@@ -226,8 +229,9 @@ class _Loader:
         return path
 
 
-def load_campaign(path: str | Path, recipients: str | Path | None = None) -> Campaign:
-    """Read and validate a campaign file. `recipients` overrides [recipients] path."""
+def load_campaign(path: str | Path, recipients: str | Path | None = None, *, need_secrets: bool = True) -> Campaign:
+    """Read and validate a campaign file. `recipients` overrides [recipients] path.
+    `need_secrets=False` (cache stats, clear) tolerates unset `*_env` variables."""
     path = Path(path).resolve()
     try:
         text = path.read_text(encoding="utf-8")
@@ -237,7 +241,7 @@ def load_campaign(path: str | Path, recipients: str | Path | None = None) -> Cam
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CampaignError(f"{path}: not valid TOML: {exc}") from None
-    loader = _Loader(path, text)
+    loader = _Loader(path, text, need_secrets)
     top = _Table(loader, data, "campaign file")
     top.no_unknown({"campaign", "recipients", "sources", "auth"})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,9 +13,10 @@ import click
 
 from emailpers import __version__
 from emailpers.campaign import Campaign, load_campaign
-from emailpers.errors import EmailpersError
+from emailpers.errors import CampaignError, EmailpersError
 from emailpers.output import FORMATS
-from emailpers.pipeline import DEFAULT_CONCURRENCY, RunOptions, render_campaign
+from emailpers.cache import ResponseCache
+from emailpers.pipeline import DEFAULT_CONCURRENCY, RunOptions, cache_directory, render_campaign, warm_cache
 from emailpers.recipients import count_rows
 from emailpers.report import summary
 
@@ -59,12 +61,12 @@ def _load(campaign_file: Path, recipients: Path | None) -> Campaign:
 
 
 @contextmanager
-def _progress(campaign: Campaign, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+def _progress(campaign: Campaign, enabled: bool, label: str = "Rendering") -> Iterator[Callable[[int], None] | None]:
     if not enabled or not sys.stderr.isatty():
         yield None
         return
     total = count_rows(campaign.recipients.path)
-    with click.progressbar(length=total, label="Rendering", file=sys.stderr, show_pos=True, show_eta=True) as bar:
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True) as bar:
         yield bar.update
 
 
@@ -138,6 +140,87 @@ def render(
     click.echo(summary(report))
     click.echo(f"Output: {out}/ (manifest.jsonl, report.json, messages/)")
     sys.exit(EXIT_FAILED_RECIPIENTS if report["this_run"]["failed"] else EXIT_OK)
+
+
+@cli.group()
+def cache() -> None:
+    """Warm, inspect or clear a campaign's response cache."""
+
+
+@cache.command("warm")
+@click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
+@run_options
+def cache_warm(
+    campaign_file: Path,
+    recipients: Path | None,
+    concurrency: int,
+    cache_dir: Path | None,
+    max_error_rate: float | None,
+    progress: bool,
+) -> None:
+    """Fetch every recipient's data into the cache, render nothing.
+
+    Run it shortly before the send (within the sources' cache_ttl) so the
+    render itself reads the cache. Exit 3 when some recipient's data could
+    not be fetched.
+    """
+    with _errors():
+        campaign = _load(campaign_file, recipients)
+        options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate)
+        with _progress(campaign, progress, "Warming") as update:
+            report = warm_cache(campaign, options, update)
+    click.echo(summary(report))
+    sys.exit(EXIT_FAILED_RECIPIENTS if report["this_run"].get("failed") else EXIT_OK)
+
+
+def _open_cache(campaign_file: Path, cache_dir: Path | None) -> tuple[Campaign, ResponseCache]:
+    campaign = load_campaign(campaign_file, need_secrets=False)
+    directory = cache_directory(campaign, RunOptions(out=None, cache_dir=cache_dir))
+    if not directory.is_dir():
+        raise CampaignError(f"{directory}: no cache here yet; `emailpers cache warm` or a render creates it")
+    return campaign, ResponseCache(directory)
+
+
+_cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+    help="Response cache folder [default: .emailpers-cache next to the campaign file].",
+)
+
+
+@cache.command("stats")
+@click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
+@_cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def cache_stats(campaign_file: Path, cache_dir: Path | None, as_json: bool) -> None:
+    """Entries, size on disk and age of the cache, per source."""
+    with _errors():
+        _, store = _open_cache(campaign_file, cache_dir)
+        stats = store.stats()
+        store.close()
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    oldest = "-" if stats["oldest_age_s"] is None else f"{stats['oldest_age_s']:g}s ago"
+    click.echo(f"{stats['directory']}: {stats['entries']} entries, {stats['bytes'] / 1024:.1f} KiB, oldest {oldest}")
+    for name, s in sorted(stats["sources"].items()):
+        click.echo(f"  {name}: {s['entries']} entries ({s['fresh']} fresh), oldest {s['oldest_age_s']:g}s ago")
+
+
+@cache.command("clear")
+@click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
+@_cache_dir_option
+@click.option("--source", help="Clear only this source's entries.")
+def cache_clear(campaign_file: Path, cache_dir: Path | None, source: str | None) -> None:
+    """Remove cached responses (all, or one source's)."""
+    with _errors():
+        campaign, store = _open_cache(campaign_file, cache_dir)
+        if source is not None and source not in campaign.sources:
+            store.close()
+            known = ", ".join(sorted(campaign.sources)) or "none"
+            raise click.BadParameter(f"{source!r} is not a source of this campaign (sources: {known})", param_hint="--source")
+        removed = store.clear(source)
+        store.close()
+    click.echo(f"Removed {removed} cached responses" + (f" of source {source}" if source else "") + ".")
 
 
 @cli.command()

@@ -26,7 +26,7 @@ from httpx_aiohttp import AiohttpTransport
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
 from emailpers.errors import RenderFailed, UnhealthySource
-from emailpers.output import REPORT, Envelope, Manifest, write_atomic, write_message
+from emailpers.output import REPORT, Done, Envelope, Manifest, write_atomic, write_message
 from emailpers.recipients import Row, read_recipients
 from emailpers.render import Renderer
 from emailpers.report import build_report
@@ -39,7 +39,7 @@ HEALTH_MINIMUM = 20  # fetches before the guard may judge at all
 
 @dataclass(frozen=True)
 class RunOptions:
-    out: Path
+    out: Path | None  # None: fetch only (cache warm), nothing rendered or written
     formats: str = "eml"
     concurrency: int = DEFAULT_CONCURRENCY
     workers: int | None = None  # render processes; None: one per core, 0: render in this process
@@ -147,7 +147,9 @@ class Run:
         self.campaign = campaign
         self.options = options
         self.progress = progress or (lambda n: None)
-        self.job = RenderJob(campaign, options.out, options.formats)  # validates templates before anything runs
+        # Built first: it validates every template before anything runs.
+        self.job = RenderJob(campaign, options.out, options.formats) if options.out is not None else None
+        self.manifest: Manifest | None = None
         self.counts: dict[str, int] = {}
         self.fatal: BaseException | None = None
         self.guard = _HealthGuard(options.max_error_rate)
@@ -155,7 +157,8 @@ class Run:
         self.report: dict[str, Any] = {}
 
     def execute(self) -> dict[str, Any]:
-        manifest = Manifest(self.options.out, fresh=self.options.fresh)
+        out = self.options.out
+        self.manifest = Manifest(out, fresh=self.options.fresh) if out is not None else None
         cache = None
         if self.options.use_cache or self.options.offline:
             cache = ResponseCache(cache_directory(self.campaign, self.options))
@@ -163,12 +166,13 @@ class Run:
         stopped = None
         pool = self._pool()
         try:
-            asyncio.run(self._run(manifest, cache, pool))
+            asyncio.run(self._run(cache, pool))
         except UnhealthySource as exc:
             stopped = str(exc)
             raise
         finally:
-            manifest.close()
+            if self.manifest is not None:
+                self.manifest.close()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             if cache is not None:
@@ -176,18 +180,19 @@ class Run:
             report = build_report(
                 campaign=self.campaign.name,
                 counts=self.counts,
-                previous=manifest.done.counts,
+                previous=self.manifest.done.counts if self.manifest else {},
                 sources=self.fetcher_stats,
                 elapsed=time.monotonic() - started,
                 stopped=stopped,
             )
             self.report = report
-            _write_report(self.options.out, report)
+            if out is not None:
+                write_atomic(out / REPORT, (json.dumps(report, indent=2) + "\n").encode())
         return report
 
     def _pool(self) -> concurrent.futures.ProcessPoolExecutor | None:
         workers = default_workers() if self.options.workers is None else self.options.workers
-        if workers <= 0:
+        if workers <= 0 or self.job is None:
             return None
         # Workers get the campaign without its sources: they never see a secret.
         return concurrent.futures.ProcessPoolExecutor(
@@ -197,7 +202,7 @@ class Run:
             initargs=(replace(self.campaign, sources={}), self.options.out, self.options.formats),
         )
 
-    async def _run(self, manifest: Manifest, cache: ResponseCache | None, pool: concurrent.futures.Executor | None) -> None:
+    async def _run(self, cache: ResponseCache | None, pool: concurrent.futures.Executor | None) -> None:
         options = self.options
         async with make_client(options.concurrency) as client:
             fetcher = Fetcher(self.campaign, client, cache, offline=options.offline, concurrency=options.concurrency)
@@ -214,14 +219,14 @@ class Run:
                     self.fatal = task.exception()
 
             try:
-                for row in self._rows(manifest, seen):
+                for row in self._rows(seen):
                     if row.problem is not None:
-                        self._record(manifest, row, "invalid", error=row.problem)
+                        self._record(row, "invalid", error=row.problem)
                         continue
                     await window.acquire()
                     if self.fatal is not None:
                         break
-                    task = asyncio.create_task(self._serve(row, fetcher, manifest, pool))
+                    task = asyncio.create_task(self._serve(row, fetcher, pool))
                     tasks.add(task)
                     task.add_done_callback(finished)
                 while tasks and self.fatal is None:
@@ -234,9 +239,9 @@ class Run:
             if self.fatal is not None:
                 raise self.fatal
 
-    def _rows(self, manifest: Manifest, seen: set[str]) -> Iterator[Row]:
+    def _rows(self, seen: set[str]) -> Iterator[Row]:
         """Rows still to do, with duplicate ids turned invalid."""
-        done = manifest.done
+        done = self.manifest.done if self.manifest else Done()
         for row in read_recipients(self.campaign.recipients):
             if row.problem is not None or row.id is None:
                 if row.number not in done.invalid_rows:
@@ -250,17 +255,20 @@ class Run:
             if row.id not in done.ids:
                 yield row
 
-    async def _serve(self, row: Row, fetcher: Fetcher, manifest: Manifest, pool: concurrent.futures.Executor | None) -> None:
+    async def _serve(self, row: Row, fetcher: Fetcher, pool: concurrent.futures.Executor | None) -> None:
         assert row.id is not None and row.email is not None
         fetched = await fetcher.fetch_all(row.fields)
         for name, result in fetched.items():
             self.guard.check(name, result, fetcher)
         data = {name: r.data for name, r in fetched.items() if r.ok}
         failures = {name: (r.error or r.outcome) for name, r in fetched.items() if not r.ok}
+        if self.job is None:  # cache warm: the fetch was the whole job
+            self._record(row, "failed" if failures else "warmed", fetched=fetched, error="; ".join(failures.values()) or None)
+            return
         required = [n for n in failures if self.campaign.sources[n].required]
         if required:
             reason = "; ".join(f"required source {n} unavailable: {failures[n]}" for n in required)
-            self._record(manifest, row, "skipped", fetched=fetched, error=reason)
+            self._record(row, "skipped", fetched=fetched, error=reason)
             return
         if pool is None:
             served = self.job(row.id, row.email, row.fields, data, failures)
@@ -268,7 +276,7 @@ class Run:
             loop = asyncio.get_running_loop()
             served = await loop.run_in_executor(pool, _serve_in_worker, row.id, row.email, row.fields, data, failures)
         self._count_fallbacks(served, failures, fetcher)
-        self._record(manifest, row, served.status, fetched=fetched, served=served)
+        self._record(row, served.status, fetched=fetched, served=served)
 
     def _count_fallbacks(self, served: Served, failures: dict[str, str], fetcher: Fetcher) -> None:
         if served.status != "fallback":
@@ -280,7 +288,6 @@ class Run:
 
     def _record(
         self,
-        manifest: Manifest,
         row: Row,
         status: str,
         *,
@@ -299,13 +306,10 @@ class Run:
             "files": served.files if served else [],
             "error": served.error if served else error,
         }
-        manifest.add(entry)
+        if self.manifest is not None:
+            self.manifest.add(entry)
         self.counts[status] = self.counts.get(status, 0) + 1
         self.progress(1)
-
-
-def _write_report(out: Path, report: dict[str, Any]) -> None:
-    write_atomic(out / REPORT, (json.dumps(report, indent=2) + "\n").encode())
 
 
 def render_campaign(
@@ -315,3 +319,10 @@ def render_campaign(
     Raises EmailpersError subclasses for what stops a run."""
     return Run(campaign, options, progress).execute()
 
+
+
+def warm_cache(
+    campaign: Campaign, options: RunOptions, progress: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Fetch every recipient's data into the cache, render nothing."""
+    return Run(campaign, replace(options, out=None, offline=False, use_cache=True), progress).execute()

@@ -53,10 +53,11 @@ def build_report(
     stopped: str | None = None,
 ) -> dict[str, Any]:
     done = sum(counts.values())
-    total = {s: counts.get(s, 0) + previous.get(s, 0) for s in STATUSES}
+    statuses = [*STATUSES, *(s for s in {**previous, **counts} if s not in STATUSES)]
+    total = {s: counts.get(s, 0) + previous.get(s, 0) for s in statuses}
     return {
         "campaign": campaign,
-        "this_run": {s: counts.get(s, 0) for s in STATUSES},
+        "this_run": {s: counts.get(s, 0) for s in statuses},
         "total": total,
         "resumed_from_previous_runs": sum(previous.values()),
         "sources": {name: source_report(stats) for name, stats in sources.items()},
@@ -77,7 +78,7 @@ def summary(report: dict[str, Any]) -> str:
              f" ({report['recipients_per_s'] or 0:g}/s)"]
     if report["resumed_from_previous_runs"]:
         lines.append(f"  resumed: {report['resumed_from_previous_runs']} already done by an earlier run")
-    lines.append("  " + "  ".join(f"{s} {total[s]}" for s in STATUSES) + "   (manifest total)")
+    lines.append("  " + "  ".join(f"{s} {n}" for s, n in total.items()) + "   (manifest total)")
     for name, s in report["sources"].items():
         lat = s["latency_ms"]
         extras = [
