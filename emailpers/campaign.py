@@ -223,7 +223,7 @@ class _Loader:
         value = table.get(key, str, required=required)
         if value is None:
             return None
-        path = (self.path.parent / value).resolve()
+        path: Path = (self.path.parent / value).resolve()
         if not path.is_file():
             raise self.error(table.where, key, f"file not found: {path}; check the path (relative to {self.path.parent})")
         return path

@@ -79,13 +79,13 @@ def build_eml(message: Email, to: str, envelope: Envelope) -> bytes:
     msg = MIMEMultipart("alternative")
     msg["From"] = envelope.from_
     msg["To"] = to
-    msg["Subject"] = _header(message.subject)
+    msg["Subject"] = _header(message.subject)  # type: ignore[assignment]  # compat32 takes Header
     msg["Date"] = email.utils.formatdate(usegmt=True)
     msg["Message-ID"] = f"<{uuid.uuid4().hex}@{envelope.domain}>"
     for name, value in message.headers.items():
-        msg[name] = _header(value)
+        msg[name] = _header(value)  # type: ignore[assignment]
     for body, subtype in ((message.text, "plain"), (message.html, "html")):
-        part = MIMEText(body, subtype, _UTF8_QP)
+        part = MIMEText(body, subtype, _UTF8_QP)  # type: ignore[arg-type]  # a Charset picks QP over base64
         del part["MIME-Version"]  # belongs on the top level only
         msg.attach(part)
     return msg.as_bytes(policy=_POLICY)

@@ -198,8 +198,8 @@ class Run:
         return concurrent.futures.ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(replace(self.campaign, sources={}), self.options.out, self.options.formats),
+            initializer=_init_worker,  # type: ignore[arg-type]  # typeshed cannot tie initargs to it
+            initargs=(replace(self.campaign, sources={}), self.options.out, self.options.formats),  # type: ignore[arg-type]
         )
 
     async def _run(self, cache: ResponseCache | None, pool: concurrent.futures.Executor | None) -> None:

@@ -311,6 +311,9 @@ class Fetcher:
             stats.cache_hits += 1
             return Fetched("cache", cached.data)
         if self.offline:
+            if cached is not None and runtime.source.stale_if_error:
+                stats.stale += 1
+                return Fetched("stale", cached.data)
             return Fetched("skipped", error="offline and not in the cache")
 
         if (waiting := self._inflight.get(key)) is not None:
