@@ -42,6 +42,13 @@ def project_root() -> Path:
     )
 
 
+class _Server(ThreadingHTTPServer):
+    # The stdlib's listen backlog of 5 drops connections when the run opens 32
+    # at once: the client waits ~1 s for a retransmit and reports a timeout.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class SampleAPI:
     """A threaded HTTP server on 127.0.0.1 serving the fixtures."""
 
@@ -61,8 +68,7 @@ class SampleAPI:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

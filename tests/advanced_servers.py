@@ -19,6 +19,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 
+class LoopbackServer(ThreadingHTTPServer):
+    # The stdlib's listen backlog of 5 drops connections when a run opens 32 at
+    # once; the client then waits ~1 s for a SYN-ACK retransmit and times out.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 @dataclass
 class Request:
     method: str
@@ -66,8 +73,7 @@ class Api:
             def do_POST(self) -> None:
                 api._handle(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.server.daemon_threads = True
+        self.server = LoopbackServer(("127.0.0.1", 0), _Handler)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
