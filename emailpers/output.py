@@ -8,7 +8,7 @@ manifest says exactly which recipients are done. Running again resumes.
 from __future__ import annotations
 
 import base64
-import email.charset
+import binascii
 import email.utils
 import hashlib
 import json
@@ -20,9 +20,6 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.header import Header
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
-from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +32,7 @@ REPORT = "report.json"
 MESSAGES = "messages"
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-_POLICY = compat32.clone(linesep="\r\n")
-_UTF8_QP = email.charset.Charset("utf-8")
-_UTF8_QP.body_encoding = email.charset.QP
+CRLF = "\r\n"
 
 
 def file_stem(recipient_id: str) -> str:
@@ -67,28 +62,49 @@ class Envelope:
         return cls(email.utils.formataddr((name, address), charset="utf-8"), address.rpartition("@")[2])
 
 
-def _header(value: str) -> str | Header:
-    return value if value.isascii() else Header(value, "utf-8")
+def _header_line(name: str, value: str) -> str:
+    """One header, RFC 2047-encoded when not ASCII and folded when long."""
+    if value.isascii() and len(name) + len(value) < 76:
+        return f"{name}: {value}"
+    charset = "us-ascii" if value.isascii() else "utf-8"
+    return f"{name}: {Header(value, charset, header_name=name).encode(linesep=CRLF)}"
+
+
+def _qp_part(content_type: str, body: str) -> str:
+    crlf_body = body.replace("\r\n", "\n").replace("\n", CRLF).encode()
+    encoded = binascii.b2a_qp(crlf_body, istext=True).decode("ascii")
+    return (
+        f'Content-Type: {content_type}; charset="utf-8"{CRLF}'
+        f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}{encoded}"
+    )
 
 
 def build_eml(message: Email, to: str, envelope: Envelope) -> bytes:
-    """multipart/alternative, text/plain then text/html, CRLF line endings.
+    """multipart/alternative, text/plain then text/html, UTF-8 quoted-printable,
+    CRLF line endings.
 
-    The legacy email.mime classes with compat32 cost ~0.6 ms a message here,
-    EmailMessage with the modern policy 2-3 ms for the same bytes."""
-    msg = MIMEMultipart("alternative")
-    msg["From"] = envelope.from_
-    msg["To"] = to
-    msg["Subject"] = _header(message.subject)  # type: ignore[assignment]  # compat32 takes Header
-    msg["Date"] = email.utils.formatdate(usegmt=True)
-    msg["Message-ID"] = f"<{uuid.uuid4().hex}@{envelope.domain}>"
-    for name, value in message.headers.items():
-        msg[name] = _header(value)  # type: ignore[assignment]
-    for body, subtype in ((message.text, "plain"), (message.html, "html")):
-        part = MIMEText(body, subtype, _UTF8_QP)  # type: ignore[arg-type]  # a Charset picks QP over base64
-        del part["MIME-Version"]  # belongs on the top level only
-        msg.attach(part)
-    return msg.as_bytes(policy=_POLICY)
+    Written directly rather than through email.message: the stdlib's generator
+    cost 1.1 ms a message here (EmailMessage 2-3 ms), more than Jinja and MJML
+    together; this costs a tenth of that. Tests read every message back with
+    the stdlib parser."""
+    boundary = f"=_{uuid.uuid4().hex}"
+    headers = [
+        ("From", envelope.from_),
+        ("To", to),
+        ("Subject", message.subject),
+        ("Date", email.utils.formatdate(usegmt=True)),
+        ("Message-ID", f"<{uuid.uuid4().hex}@{envelope.domain}>"),
+        *message.headers.items(),
+        ("MIME-Version", "1.0"),
+    ]
+    head = CRLF.join(_header_line(name, value) for name, value in headers)
+    return (
+        f"{head}{CRLF}"
+        f'Content-Type: multipart/alternative; boundary="{boundary}"{CRLF}{CRLF}'
+        f"--{boundary}{CRLF}{_qp_part('text/plain', message.text)}{CRLF}"
+        f"--{boundary}{CRLF}{_qp_part('text/html', message.html)}{CRLF}"
+        f"--{boundary}--{CRLF}"
+    ).encode("ascii")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
