@@ -28,6 +28,10 @@ DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_BATCH_LINGER = 0.05
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322: printable ASCII but ':'
+_OWN_HEADERS = frozenset(
+    {"from", "to", "subject", "date", "message-id", "mime-version", "content-type", "content-transfer-encoding"}
+)
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,14 @@ def load_campaign(path: str | Path, recipients: str | Path | None = None, *, nee
     from_ = c.get("from", str, required=True)
     if "@" not in email.utils.parseaddr(from_)[1]:
         raise loader.error("[campaign]", "from", f"has no email address: {from_!r}; write it as 'Name <user@domain>'")
+    headers = c.strings("headers")
+    for name in headers:
+        # A bad name would end the header block early; a second To, Subject or
+        # Content-Type would make the message ambiguous or unreadable.
+        if not _FIELD_NAME.fullmatch(name):
+            raise loader.error("[campaign]", "headers", f"{name!r} is not a header name (printable ASCII, no space or ':')")
+        if name.lower() in _OWN_HEADERS:
+            raise loader.error("[campaign]", "headers", f"cannot set {name!r}: emailpers writes that header itself")
     auths = _load_auths(loader, top.get("auth", dict, {}))
     sources_table = top.get("sources", dict, {})
     sources = {name: _load_source(loader, name, value, auths) for name, value in sources_table.items()}
@@ -284,7 +296,7 @@ def load_campaign(path: str | Path, recipients: str | Path | None = None, *, nee
         subject=c.get("subject", str, required=True),
         preheader=c.get("preheader", str),
         from_=from_,
-        headers=c.strings("headers"),
+        headers=headers,
         recipients=RecipientsConfig(
             path=recipients_path,
             id_field=r.get("id_field", str, "id"),

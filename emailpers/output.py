@@ -71,8 +71,11 @@ def _header_line(name: str, value: str) -> str:
 
 
 def _qp_part(content_type: str, body: str) -> str:
-    crlf_body = body.replace("\r\n", "\n").replace("\n", CRLF).encode()
-    encoded = binascii.b2a_qp(crlf_body, istext=True).decode("ascii")
+    # Encoded from LF-only text, then every LF made CRLF: given CRLF, b2a_qp
+    # still passes a lone CR through and, for a body without a line break,
+    # folds long lines with a bare LF.
+    lf_body = body.replace("\r\n", "\n").replace("\r", "\n").encode()
+    encoded = binascii.b2a_qp(lf_body, istext=True).decode("ascii").replace("\n", CRLF)
     return (
         f'Content-Type: {content_type}; charset="utf-8"{CRLF}'
         f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}{encoded}"

@@ -60,6 +60,8 @@ def _check(number: int, fields: dict[str, Any], config: RecipientsConfig) -> Row
         problem = f"no {config.email_field!r} field"
     elif not _EMAIL.match(email):
         problem = f"malformed email address {email!r}"
+    elif not email.isascii():  # the .eml is ASCII: an encoded-word is no address
+        problem = f"non-ASCII email address {email!r} is not supported; use its ASCII (IDNA) form"
     else:
         problem = None
     return Row(number, fields, rid or None, email or None, problem)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension
 from jinja2.parser import Parser
 from jinja2.sandbox import SandboxedEnvironment
@@ -132,8 +132,20 @@ class Renderer:
         self.headers = {k: self._compile(v, f"{where} headers.{k}") for k, v in campaign.headers.items()}
 
     def _load(self, path: Path) -> jinja2.Template:
+        """Compile a template and every template it includes, imports or
+        extends by name: Jinja only loads those at render time, where a syntax
+        error would stop the run with a traceback instead of this message."""
         try:
-            return self.env.get_template(self.campaign.template_name(path))
+            template = self.env.get_template(self.campaign.template_name(path))
+            pending, seen = [template], set()
+            while pending:
+                current = pending.pop()
+                if current.filename is None or current.name in seen:
+                    continue
+                seen.add(current.name)
+                ast = self.env.parse(Path(current.filename).read_text(encoding="utf-8"), current.name, current.filename)
+                pending += [self.env.get_template(n) for n in meta.find_referenced_templates(ast) if n is not None]
+            return template
         except jinja2.TemplateSyntaxError as exc:
             raise CampaignError(f"{exc.filename or path}:{exc.lineno}: template syntax error: {exc.message}") from None
         except jinja2.TemplateNotFound as exc:
@@ -161,8 +173,15 @@ class Renderer:
         context["preheader"] = preheader or ""
 
         used_fallback_template = False
+        text: str | None = None
+        rendering = self.campaign.template_name(self.campaign.template)
         try:
             body = self.template.render(context)
+            if self.text_template is not None:
+                # In the same try: a failed source used outside a live block of
+                # the text template also sends the recipient the fallback_template.
+                rendering = f"text_template {self.text_template.name}"
+                text = self.text_template.render(context)
             template = self.campaign.template
         except SourceUnavailableError as exc:
             if self.fallback_template is None:
@@ -173,15 +192,14 @@ class Renderer:
             }]
             body = self._run(self.fallback_template, context, "fallback_template")
             template = self.campaign.fallback_template  # type: ignore[assignment]
+            text = None
         except _DATA_ERRORS as exc:
-            raise RenderFailed(f"{self.campaign.template_name(self.campaign.template)}: {_describe(exc)}") from None
+            raise RenderFailed(f"{rendering}: {_describe(exc)}") from None
 
         html = self._to_html(body, template)
         if preheader:
             html = _insert_preheader(html, preheader)
-        if self.text_template is not None and not used_fallback_template:
-            text = self._run(self.text_template, context, "text_template")
-        else:
+        if text is None:
             text = html_to_text(html)
         return Email(subject, html, text, headers, state.fallback_blocks, used_fallback_template)
 

@@ -15,6 +15,7 @@ import email.utils
 import json
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,6 +33,7 @@ from emailpers.errors import BadResponse, EmailpersError, FetchTimeout, SourceEr
 OK_OUTCOMES = frozenset({"live", "cache", "stale"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
+_ANSWERED_MAX = 4096  # live answers kept per run for request dedupe (least recently used go)
 
 
 class AuthFailed(EmailpersError):
@@ -273,16 +275,19 @@ class Fetcher:
         self.wall_clock = wall_clock
         self.sleep = sleep
         self.id_field = campaign.recipients.id_field
-        self._tokens: dict[str, TokenProvider] = {}
+        self._tokens: dict[Auth, TokenProvider] = {}
         env = url_environment()
         self.sources = {name: _SourceRuntime(s, env, self) for name, s in campaign.sources.items()}
         self._inflight: dict[str, asyncio.Future[Fetched]] = {}
+        self._answered: OrderedDict[str, Fetched] = OrderedDict()
         self._tasks: set[asyncio.Future[None]] = set()
 
     def token_provider(self, auth: Auth) -> TokenProvider:
-        if auth.name not in self._tokens:
-            self._tokens[auth.name] = TokenProvider(auth, self.client, self.clock)
-        return self._tokens[auth.name]
+        # Keyed by the whole configuration: an [auth.X] table and a source X
+        # with inline auth share a name, not credentials.
+        if auth not in self._tokens:
+            self._tokens[auth] = TokenProvider(auth, self.client, self.clock)
+        return self._tokens[auth]
 
     def stats(self) -> dict[str, SourceStats]:
         for runtime in self.sources.values():
@@ -319,6 +324,10 @@ class Fetcher:
         if (waiting := self._inflight.get(key)) is not None:
             stats.dedupe_hits += 1
             return replace(await asyncio.shield(waiting), shared=True)
+        if (answered := self._answered.get(key)) is not None:
+            stats.dedupe_hits += 1
+            self._answered.move_to_end(key)
+            return answered
         future: asyncio.Future[Fetched] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -331,6 +340,7 @@ class Fetcher:
                 result = replace(result, outcome="stale", data=cached.data)
             elif result.outcome == "live" and not result.shared:
                 self._store(runtime, key, url, result)
+                self._remember(key, result)
             future.set_result(result)
             return self._count(stats, result)
         except BaseException as exc:
@@ -339,6 +349,13 @@ class Fetcher:
             raise
         finally:
             del self._inflight[key]
+
+    def _remember(self, key: str, result: Fetched) -> None:
+        """Recent live answers, so a later recipient asking the same URL in this
+        run shares it even when the cache is off or the API said no-store."""
+        self._answered[key] = replace(result, shared=True)
+        if len(self._answered) > _ANSWERED_MAX:
+            self._answered.popitem(last=False)
 
     def _count(self, stats: SourceStats, result: Fetched) -> Fetched:
         if not result.ok and not result.shared:
@@ -408,7 +425,8 @@ class Fetcher:
             for _, future in pending.values():
                 if not future.done():
                     future.set_exception(exc)
-            raise
+            if not isinstance(exc, Exception):
+                raise  # cancelled: end cancelled. An error lives on in the futures, awaited by fetch().
 
     async def _network(self, runtime: _SourceRuntime, url: str, *, record: bool) -> Fetched:
         """One logical request with retries, within the source's limits."""
@@ -461,30 +479,14 @@ class Fetcher:
         return Fetched("live", answer.data, attempts, ms, answer.status_code, storable=storable, max_age=max_age)
 
     async def _attempt(self, runtime: _SourceRuntime, url: str) -> _Answer:
-        source = runtime.source
         async with runtime.slots:
-            if runtime.rate is not None:
-                await runtime.rate.wait()
-            runtime.stats.requests += 1
             headers = dict(runtime.headers)
-            if runtime.token is not None:
-                headers["Authorization"] = await runtime.token.header()
-            try:
-                async with asyncio.timeout(source.timeout):
-                    status, response_headers, body = await self._get(url, headers, source)
-                    if status == 401 and runtime.token is not None:
-                        # One renewal, then the same request once more before it counts as failed.
-                        headers["Authorization"] = await runtime.token.header(
-                            renew_from=headers["Authorization"].removeprefix("Bearer ")
-                        )
-                        runtime.stats.requests += 1
-                        status, response_headers, body = await self._get(url, headers, source)
-            except TimeoutError:
-                raise FetchTimeout(f"no answer within {source.timeout:g}s") from None
-            except httpx.TimeoutException:
-                raise FetchTimeout(f"no answer within {source.timeout:g}s") from None
-            except httpx.TransportError as exc:
-                raise TransientError(f"connection failed: {type(exc).__name__}") from None
+            status, response_headers, body = await self._send(runtime, url, headers)
+            if status == 401 and runtime.token is not None:
+                # One renewal, then the same request once more before it counts as
+                # failed; it waits for the rate limit like any other request.
+                rejected = headers["Authorization"].removeprefix("Bearer ")
+                status, response_headers, body = await self._send(runtime, url, headers, renew_from=rejected)
         if status == 429 or status >= 500:
             retry_after = None
             if status in (429, 503):
@@ -499,6 +501,26 @@ class Fetcher:
         except (ValueError, UnicodeDecodeError):
             raise BadResponse(f"HTTP {status} but the body is not JSON", status) from None
         return _Answer(data, status, response_headers.get("cache-control"))
+
+    async def _send(
+        self, runtime: _SourceRuntime, url: str, headers: dict[str, str], *, renew_from: str | None = None
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """One request: a rate-limit slot, the current token, the timeout."""
+        source = runtime.source
+        if runtime.rate is not None:
+            await runtime.rate.wait()
+        runtime.stats.requests += 1
+        if runtime.token is not None:
+            headers["Authorization"] = await runtime.token.header(renew_from=renew_from)
+        try:
+            async with asyncio.timeout(source.timeout):
+                return await self._get(url, headers, source)
+        except TimeoutError:
+            raise FetchTimeout(f"no answer within {source.timeout:g}s") from None
+        except httpx.TimeoutException:
+            raise FetchTimeout(f"no answer within {source.timeout:g}s") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"connection failed: {type(exc).__name__}") from None
 
     async def _get(self, url: str, headers: dict[str, str], source: Source) -> tuple[int, httpx.Headers, bytes]:
         """GET with a body limit, following redirects only when allowed and only

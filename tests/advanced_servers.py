@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,12 @@ class LoopbackServer(ThreadingHTTPServer):
     # once; the client then waits ~1 s for a SYN-ACK retransmit and times out.
     request_queue_size = 128
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client dropping a kept-alive connection is normal; the stdlib would
+        # print its traceback into the stderr of the CliRunner under test.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 @dataclass
@@ -146,14 +153,16 @@ class TokenServer:
     token it issued before its expiry (renew-on-401)."""
 
     def __init__(self, api: Api, *, client_id: str = "cid", client_secret: str = "csecret",
-                 expires_in: float = 60, fail_with: int | None = None) -> None:
+                 expires_in: float = 60, fail_with: int | None = None, prefix: str = "tok") -> None:
         self.api = api
+        self.prefix = prefix
         self.client_id, self.client_secret = client_id, client_secret
         self.expires_in = expires_in
         self.fail_with = fail_with
         self.issued: list[tuple[str, float]] = []  # (token, monotonic time issued)
         self.revoked: set[str] = set()
         self.refused: list[str] = []  # tokens the API answered 401 to
+        self.single_use = False  # True: the API revokes each token after one request
         api.route(r"/oauth/token", "POST")(self._token)
 
     @property
@@ -170,7 +179,7 @@ class TokenServer:
         if request.headers.get("authorization") != expected or form.get("grant_type") != ["client_credentials"]:
             return Response(401, {"error": "invalid_client"})
         with self.api.lock:
-            token = f"tok{len(self.issued) + 1}"
+            token = f"{self.prefix}{len(self.issued) + 1}"
             self.issued.append((token, time.monotonic()))
         return Response(200, {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in})
 
@@ -184,6 +193,8 @@ class TokenServer:
                   and request.at < issued[token] + self.expires_in)
             if not ok:
                 self.refused.append(token)
+            elif self.single_use:
+                self.revoked.add(token)
         return token if ok else None
 
     def revoke(self, token: str) -> None:

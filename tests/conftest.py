@@ -31,7 +31,8 @@ from emailpers.cli import cli
 @dataclass
 class Behaviour:
     """What one path answers. The first `fail_times` requests get `fail_status`
-    (after `fail_delay`), every later one `status` with `body` (after `delay`)."""
+    (after `fail_delay`), every later one `status` with `body` (after `delay`).
+    A callable body is called with the request (an echo, say)."""
 
     body: Any = field(default_factory=dict)  # bytes as is, anything else as JSON
     status: int = 200
@@ -41,11 +42,13 @@ class Behaviour:
     fail_status: int = 500
     fail_body: Any = field(default_factory=lambda: {"error": "scripted failure"})
     fail_delay: float = 0.0
+    fail_headers: dict[str, str] = field(default_factory=dict)
 
 
 class ScriptedAPI:
     """Per-path behaviour keyed by the raw request path (as it arrived, still
-    percent-encoded), and a log of every request with its headers."""
+    percent-encoded; a key ending in `*` matches by prefix), and a log of every
+    request with its headers. Unscripted paths answer 404."""
 
     def __init__(self, api: Api) -> None:
         self.api = api
@@ -66,10 +69,14 @@ class ScriptedAPI:
             hit = self.hits[request.path]
         behaviour = self.behaviours.get(request.path)
         if behaviour is None:
-            return Response(404, {"error": f"no route {request.path}"})
+            prefixes = [k for k in self.behaviours if k.endswith("*") and request.path.startswith(k[:-1])]
+            if not prefixes:
+                return Response(404, {"error": f"no route {request.path}"})
+            behaviour = self.behaviours[max(prefixes, key=len)]
         if hit <= behaviour.fail_times:
-            return Response(behaviour.fail_status, behaviour.fail_body, delay=behaviour.fail_delay)
-        return Response(behaviour.status, behaviour.body, dict(behaviour.headers), behaviour.delay)
+            return Response(behaviour.fail_status, behaviour.fail_body, dict(behaviour.fail_headers), behaviour.fail_delay)
+        body = behaviour.body(request) if callable(behaviour.body) else behaviour.body
+        return Response(behaviour.status, body, dict(behaviour.headers), behaviour.delay)
 
     @property
     def requests(self) -> list[Request]:
@@ -90,9 +97,10 @@ def api() -> Iterator[ScriptedAPI]:
 
 HTML_TEMPLATE = """<html><body>
 <p>Hi {{ first_name }},</p>
-{% live "shop" %}<p>Cart: {{ shop.items|join(", ") }}</p>{% fallback %}<p>See what is new.</p>{% endlive %}
+{% live "shop" %}<p>Cart: {{ shop.products|join(", ") }}</p>{% fallback %}<p>See what is new.</p>{% endlive %}
 </body></html>
 """
+PLAIN_TEMPLATE = "<html><body>\n<p>Hi {{ first_name }},</p>\n<p>New arrivals are in.</p>\n</body></html>\n"
 
 
 def toml_value(value: Any) -> str:
@@ -140,7 +148,7 @@ def write_campaign(
     sources: dict[str, dict[str, Any]] | None = None,
     recipients: list[dict[str, Any]] | str | None = None,
     recipients_file: str = "recipients.jsonl",
-    template: str = HTML_TEMPLATE,
+    template: str | None = None,
     template_name: str = "email.html.j2",
     text_template: str | None = None,
     fallback_template: str | None = None,
@@ -150,8 +158,11 @@ def write_campaign(
     extra: str = "",
 ) -> Path:
     """Write a campaign folder and return its campaign.toml. `campaign` adds or
-    overrides [campaign] keys (a value of None removes the key)."""
+    overrides [campaign] keys (a value of None removes the key). The default
+    template has a live block over source "shop" when there are sources."""
     folder.mkdir(parents=True, exist_ok=True)
+    if template is None:
+        template = HTML_TEMPLATE if sources else PLAIN_TEMPLATE
     (folder / template_name).write_text(template, encoding="utf-8")
     table: dict[str, Any] = {
         "name": "test-campaign",
@@ -187,7 +198,7 @@ def write_campaign(
 
 def invoke(*args: str | Path) -> Result:
     """Run the real CLI in-process; stdout and stderr are kept apart."""
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="emailpers", catch_exceptions=False)
 
 
 def render(campaign: Path, out: Path, *args: str | Path, workers: int = 0) -> Result:
