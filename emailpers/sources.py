@@ -97,7 +97,11 @@ def _encode(value: Any) -> str:
     query, a fragment or an authority."""
     if value is None:
         raise jinja2.UndefinedError("a value in the URL is empty (None)")
-    return quote(str(value), safe="").replace(".", "%2E")
+    text = str(value)
+    if text in (".", ".."):
+        # Servers that decode %2E before resolving dot segments would climb a level.
+        raise jinja2.UndefinedError(f"a value in the URL is {text!r}, which could be read as a path step")
+    return quote(text, safe="").replace(".", "%2E")
 
 
 def url_environment() -> SandboxedEnvironment:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
+import pytest
+
 from conftest import ScriptedAPI, eml_of, manifest, parts, render, report, source, write_campaign
 
 CART = "/users/{{ id }}/cart"
@@ -275,8 +277,7 @@ HOSTILE_IDS = {
     "50%": "50%25",
     "Zoë": "Zo%C3%AB",
     "%2e%2e": "%252e%252e",
-    "..": "%2E%2E",
-    ".": "%2E",
+    "...": "%2E%2E%2E",
 }
 
 
@@ -300,6 +301,22 @@ def test_recipient_values_are_percent_encoded_into_one_path_segment(api: Scripte
     assert {rid: e["status"] for rid, e in entries.items()} == dict.fromkeys(HOSTILE_IDS, "rendered")
     html = parts(eml_of(out, entries["../admin?x=1#y"]))["html"]
     assert "<p>Cart: /users/%2E%2E%2Fadmin%3Fx%3D1%23y/cart</p>" in html
+
+
+@pytest.mark.parametrize("rid", ["..", "."])
+def test_a_value_that_is_only_a_dot_segment_is_refused_not_sent(api: ScriptedAPI, tmp_path: Path, rid: str) -> None:
+    people = [{"id": rid, "email": "dots@example.com", "first_name": "X"}]
+    campaign = write_campaign(tmp_path / "campaign", recipients=people, sources={"shop": source(api.url + CART)})
+    out = tmp_path / "out"
+
+    result = render(campaign, out)
+
+    assert result.exit_code == 0, result.output
+    assert api.requests == []
+    entry = manifest(out)[rid]
+    assert entry["status"] == "fallback"
+    assert entry["sources"]["shop"]["outcome"] == "error"
+    assert "could be read as a path step" in entry["sources"]["shop"]["error"]
 
 
 def test_query_values_are_encoded(api: ScriptedAPI, tmp_path: Path) -> None:
