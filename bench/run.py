@@ -274,8 +274,9 @@ class Result:
 
 
 def busy_cpu() -> float:
+    """Machine-wide user + system CPU s (not irq, steal: nobody's rusage has those)."""
     t = psutil.cpu_times()
-    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+    return float(t.user + t.system + getattr(t, "nice", 0.0))
 
 
 class Bench:

@@ -40,7 +40,7 @@ class Auth:
     time and kept out of repr() so they cannot reach a log by accident."""
 
     kind: str  # "bearer" | "header" | "basic" | "oauth2"
-    name: str = ""  # the [auth.NAME] table, or the source's name for inline auth
+    where: str = ""  # "[auth.NAME]", or "[sources.NAME] auth" for inline auth: for messages
     header_name: str = "Authorization"
     secret: str = field(default="", repr=False)
     username: str = field(default="", repr=False)
@@ -315,25 +315,26 @@ _AUTH_KEYS = {
 
 
 def _load_auths(loader: _Loader, tables: dict[str, Any]) -> dict[str, Auth]:
-    return {name: _load_auth(loader, _Table(loader, value, f"[auth.{name}]"), name) for name, value in tables.items()}
+    return {name: _load_auth(loader, _Table(loader, value, f"[auth.{name}]")) for name, value in tables.items()}
 
 
-def _load_auth(loader: _Loader, a: _Table, name: str) -> Auth:
+def _load_auth(loader: _Loader, a: _Table) -> Auth:
+    where = a.where
     kind = a.get("type", str, required=True)
     if kind not in _AUTH_KEYS:
         raise loader.error(a.where, "type", f"must be one of {', '.join(sorted(_AUTH_KEYS))}, got {kind!r}")
     a.no_unknown({"type"} | _AUTH_KEYS[kind])
     if kind == "bearer":
-        return Auth(kind, name, secret=a.env("token_env"))
+        return Auth(kind, where, secret=a.env("token_env"))
     if kind == "header":
-        return Auth(kind, name, header_name=a.get("name", str, required=True), secret=a.env("value_env"))
+        return Auth(kind, where, header_name=a.get("name", str, required=True), secret=a.env("value_env"))
     if kind == "basic":
-        return Auth(kind, name, username=a.env("username_env"), secret=a.env("password_env"))
+        return Auth(kind, where, username=a.env("username_env"), secret=a.env("password_env"))
     token_url = a.get("token_url", str, required=True)
     _check_url(loader, a.where, "token_url", token_url, allow_http=False)
     return Auth(
         kind,
-        name,
+        where,
         token_url=token_url,
         client_id=a.env("client_id_env"),
         client_secret=a.env("client_secret_env"),
@@ -366,7 +367,7 @@ def _load_source(loader: _Loader, name: str, value: Any, auths: dict[str, Auth])
             raise loader.error(where, "auth", f"names [auth.{auth_value}], which is not defined ({known})")
         auth = auths[auth_value]
     elif auth_value is not None:
-        auth = _load_auth(loader, _Table(loader, auth_value, f"{where} auth"), name)
+        auth = _load_auth(loader, _Table(loader, auth_value, f"{where} auth"))
 
     batch = None
     if (batch_value := s.get("batch", dict)) is not None:

@@ -140,7 +140,7 @@ class TokenProvider:
         data = {"grant_type": "client_credentials"}
         if self.auth.scope:
             data["scope"] = self.auth.scope
-        where = f"[auth.{self.auth.name}] token_url {self.auth.token_url}"
+        where = f"{self.auth.where} token_url {self.auth.token_url}"
         try:
             response = await self.client.post(
                 self.auth.token_url, data=data, auth=(self.auth.client_id, self.auth.client_secret), timeout=10.0

@@ -153,8 +153,10 @@ class TokenServer:
     token it issued before its expiry (renew-on-401)."""
 
     def __init__(self, api: Api, *, client_id: str = "cid", client_secret: str = "csecret",
-                 expires_in: float = 60, fail_with: int | None = None, prefix: str = "tok") -> None:
+                 expires_in: float = 60, fail_with: int | None = None, prefix: str = "tok",
+                 refuse_within: float = 0.0) -> None:
         self.api = api
+        self.refuse_within = refuse_within  # refuse tokens this close to expiry (clocks and latency differ)
         self.prefix = prefix
         self.client_id, self.client_secret = client_id, client_secret
         self.expires_in = expires_in
@@ -190,7 +192,7 @@ class TokenServer:
         with self.api.lock:
             issued = dict(self.issued)
             ok = (header.startswith("Bearer ") and token in issued and token not in self.revoked
-                  and request.at < issued[token] + self.expires_in)
+                  and request.at < issued[token] + self.expires_in - self.refuse_within)
             if not ok:
                 self.refused.append(token)
             elif self.single_use:

@@ -25,7 +25,6 @@ import pytest
 from click.testing import CliRunner, Result
 
 from advanced_servers import Api, Request, Response, TokenServer, running
-from emailpers.cache import ResponseCache
 from emailpers.campaign import load_campaign
 from emailpers.cli import cli
 from emailpers.pipeline import make_client
@@ -162,8 +161,9 @@ def test_oauth2_one_token_shared_by_all_requests_and_sources(api: Api, oauth_env
 
 def test_oauth2_token_renewed_before_it_expires(api: Api, oauth_env: None, tmp_path: Path) -> None:
     # Tokens live 2 s; 30 recipients at 10 requests/s take ~3 s, so the run
-    # outlives the first token. No request may reach the API with an expired one.
-    tokens = TokenServer(api, expires_in=2)
+    # outlives the first token. No request may reach the API with an expired
+    # token, nor one in its last 0.1 s: renewal must come before the expiry.
+    tokens = TokenServer(api, expires_in=2, refuse_within=0.1)
     guarded(api, tokens)
     sources = oauth_sources(api, tokens, "rate_limit = 10", names=("profile",))
     campaign = make_campaign(tmp_path, sources, people(30), live=["profile"])
@@ -458,6 +458,24 @@ def test_retry_after_beyond_the_deadline_is_not_waited_for(api: Api, tmp_path: P
     assert report(tmp_path / "out")["sources"]["users"]["status_429"] == 1
 
 
+def test_retries_stop_at_the_deadline(api: Api, tmp_path: Path) -> None:
+    @api.route(r"/v1/users/(\w+)")
+    def _(request: Request, match: re.Match[str]) -> Response:
+        return Response(503, {"error": "maintenance"}, {"Retry-After": "1"})
+
+    # Attempts at 0 s, 1 s, 2 s; a fourth at 3 s would pass the 2.5 s budget.
+    campaign = make_campaign(tmp_path, users_source(api, "retries = 10\ndeadline = 2.5"), people(1), live=["users"])
+
+    result = render(campaign, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    calls = api.seen("/v1/users/")
+    assert len(calls) == 3
+    assert calls[2].at - calls[0].at >= 1.95
+    users = manifest(tmp_path / "out")["u1"]["sources"]["users"]
+    assert (users["outcome"], users["status_code"], users["attempts"]) == ("error", 503, 3)
+
+
 def test_server_errors_retried_with_backoff_then_succeed(api: Api, tmp_path: Path) -> None:
     @api.route(r"/v1/users/(\w+)")
     def _(request: Request, match: re.Match[str]) -> Response:
@@ -600,9 +618,7 @@ def test_batches_carry_up_to_size_ids_and_cover_everyone_once(api: Api, tmp_path
     assert [b["sources"] for b in entries["u7"]["fallback_blocks"]] == [["users"]]
     assert {e["status"] for rid, e in entries.items() if rid != "u7"} == {"rendered"}
     # Each recipient got its own object from the list.
-    assert "&#34;points&#34;: 120" in (tmp_path / "out" / "messages" / "u12.html").read_text() or (
-        '"points": 120' in (tmp_path / "out" / "messages" / "u12.html").read_text()
-    )
+    assert '"points": 120' in (tmp_path / "out" / "messages" / "u12.html").read_text()
     stats = report(tmp_path / "out")["sources"]["users"]
     assert stats["batches"] == 3
     assert stats["errors"] == 1
@@ -678,12 +694,13 @@ def test_stale_data_used_when_the_api_goes_down_after_cache_warm(tmp_path: Path)
     with running(api):
         sources = (
             f'[sources.kept]\nurl = "{api.url}/v1/kept/{{{{ id }}}}"\ncache_ttl = 1\nstale_if_error = 3600\nretries = 0\n\n'
-            f'[sources.plain]\nurl = "{api.url}/v1/plain/{{{{ id }}}}"\ncache_ttl = 1\nretries = 0\n'
+            f'[sources.plain]\nurl = "{api.url}/v1/plain/{{{{ id }}}}"\ncache_ttl = 1\nretries = 0\n\n'
+            f'[sources.brief]\nurl = "{api.url}/v1/brief/{{{{ id }}}}"\ncache_ttl = 1\nstale_if_error = 0.1\nretries = 0\n'
         )
-        campaign = make_campaign(tmp_path, sources, people(4), live=["kept", "plain"])
+        campaign = make_campaign(tmp_path, sources, people(4), live=["kept", "plain", "brief"])
         warm = invoke("cache", "warm", str(campaign), "--no-progress")
         assert warm.exit_code == 0, warm.output
-        assert len(api.seen("/v1/")) == 8
+        assert len(api.seen("/v1/")) == 12
     # The API is down now (connection refused), and the entries are past cache_ttl.
     time.sleep(1.2)
 
@@ -693,7 +710,9 @@ def test_stale_data_used_when_the_api_goes_down_after_cache_warm(tmp_path: Path)
     entries = manifest(tmp_path / "out")
     assert {e["sources"]["kept"]["outcome"] for e in entries.values()} == {"stale"}
     assert {e["sources"]["plain"]["outcome"] for e in entries.values()} == {"error"}
-    assert all(b["sources"] == ["plain"] for e in entries.values() for b in e["fallback_blocks"])
+    # Expired more than stale_if_error ago: too old to stand in.
+    assert {e["sources"]["brief"]["outcome"] for e in entries.values()} == {"error"}
+    assert {tuple(b["sources"]) for e in entries.values() for b in e["fallback_blocks"]} == {("plain",), ("brief",)}
     assert "42" in (tmp_path / "out" / "messages" / "u1.html").read_text()
     stats = report(tmp_path / "out")["sources"]
     assert stats["kept"]["stale"] == 4
