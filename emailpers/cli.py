@@ -12,11 +12,17 @@ from typing import Any
 import click
 
 from emailpers import __version__
+from emailpers.cache import ResponseCache
 from emailpers.campaign import Campaign, load_campaign
 from emailpers.errors import CampaignError, EmailpersError
 from emailpers.output import FORMATS
-from emailpers.cache import ResponseCache
-from emailpers.pipeline import DEFAULT_CONCURRENCY, RunOptions, cache_directory, render_campaign, warm_cache
+from emailpers.pipeline import (
+    DEFAULT_CONCURRENCY,
+    RunOptions,
+    cache_directory,
+    render_campaign,
+    warm_cache,
+)
 from emailpers.recipients import count_rows
 from emailpers.report import summary
 

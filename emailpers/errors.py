@@ -3,6 +3,7 @@
     EmailpersError                 anything the CLI turns into "Error: ..." and an exit code
     ├── CampaignError              the run cannot start: campaign file, templates, env vars (exit 1)
     ├── OutputError                the output folder cannot be used (exit 1)
+    ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     └── UnhealthySource            a source failed too often; the run stopped early (exit 4)
 
     RecipientError                 one recipient cannot be served; recorded in the manifest,
@@ -31,6 +32,10 @@ class CampaignError(EmailpersError):
 
 class OutputError(EmailpersError):
     """The output folder cannot be written or its manifest cannot be read."""
+
+
+class AuthFailed(EmailpersError):
+    """The OAuth token endpoint did not give us a token: every request would fail."""
 
 
 class UnhealthySource(EmailpersError):

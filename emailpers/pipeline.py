@@ -25,7 +25,14 @@ import httpx
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
 from emailpers.errors import RenderFailed, UnhealthySource
-from emailpers.output import REPORT, Done, Envelope, Manifest, write_atomic, write_message
+from emailpers.output import (
+    REPORT,
+    Done,
+    Envelope,
+    Manifest,
+    write_atomic,
+    write_message,
+)
 from emailpers.recipients import Row, read_recipients
 from emailpers.render import Renderer
 from emailpers.report import build_report

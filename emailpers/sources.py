@@ -28,16 +28,18 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from emailpers.cache import ResponseCache, cache_key
 from emailpers.campaign import Auth, Campaign, Source
-from emailpers.errors import BadResponse, EmailpersError, FetchTimeout, SourceError, TransientError
+from emailpers.errors import (
+    AuthFailed,
+    BadResponse,
+    FetchTimeout,
+    SourceError,
+    TransientError,
+)
 
 OK_OUTCOMES = frozenset({"live", "cache", "stale"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
 _ANSWERED_MAX = 4096  # live answers kept per run for request dedupe (least recently used go)
-
-
-class AuthFailed(EmailpersError):
-    """The OAuth token endpoint did not give us a token: every request would fail."""
 
 
 @dataclass(slots=True)
@@ -305,7 +307,7 @@ class Fetcher:
         if len(names) == 1:
             return {names[0]: await self.fetch(names[0], fields)}
         results = await asyncio.gather(*(self.fetch(name, fields) for name in names))
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     async def fetch(self, name: str, fields: dict[str, Any]) -> Fetched:
         runtime = self.sources[name]
