@@ -11,11 +11,12 @@ the one-source campaign bench/cart_bench.toml under bench/results/work/, and run
 every mode as a subprocess, timed and watched the same way (wall time; peak RSS
 summed over the process tree, polled every 50 ms; CPU of the tree):
 
-  emailpers cold   `emailpers render` on an empty response cache
-  emailpers warm   the same campaign again on the full cache, fresh output folder
-  emailpers fetch  emailpers' Fetcher alone, no cache, no rendering: the fetch layer
-  raw aiohttp      a bare aiohttp loop at the same concurrency: the fetch ceiling
-  naive            what a user writes by hand: sequential httpx, Jinja, MJML, EmailMessage
+  emailpers cold        `emailpers render` on an empty response cache
+  emailpers warm        the same again on the full cache, into a new output folder
+  emailpers cache warm  `emailpers cache warm` on an empty cache: fetch and store, no render
+  Fetcher, no cache     emailpers.sources.Fetcher alone: the HTTP layer, no cache, no pipeline
+  raw aiohttp           a bare aiohttp loop at the same concurrency: the fetch ceiling
+  naive                 a hand-written script: sequential httpx, Jinja, MJML, EmailMessage
 
 Results: a table on stdout and bench/results/latest.json (memory.json for --memory).
 `other CPU s` is CPU used meanwhile by processes outside the benchmark: on a
@@ -41,6 +42,7 @@ import sys
 import time
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +118,8 @@ def serve_api(latency_ms: float, jitter_ms: float) -> None:
 
 
 def api_reset(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(urllib.request.Request(f"http://{HOST}:{port}/_reset", method="POST")) as r:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an *_proxy variable's proxy
+    with direct.open(urllib.request.Request(f"http://{HOST}:{port}/_reset", method="POST")) as r:
         return dict(json.load(r))
 
 
@@ -153,37 +156,28 @@ def read_rows(path: Path, limit: int | None = None) -> list[dict[str, str]]:
 
 
 async def fetch_only(campaign_file: Path, recipients: Path, concurrency: int) -> dict[str, Any]:
-    """emailpers' fetch layer driven as `render` drives it (same client, a window
-    of 2 x concurrency recipients), without the cache and without rendering."""
+    """emailpers' fetch layer as `render` drives it (its client, 2 x concurrency
+    recipients under way, the Fetcher's own request limit), minus cache and pipeline."""
     from emailpers.campaign import load_campaign
     from emailpers.pipeline import make_client
     from emailpers.recipients import read_recipients
     from emailpers.sources import Fetcher
 
     campaign = load_campaign(campaign_file, recipients)
-    ok = done = 0
+    rows = read_recipients(campaign.recipients)  # shared: each worker takes the next row
+    ok = 0
     started = time.perf_counter()
     async with make_client(concurrency) as client:
         fetcher = Fetcher(campaign, client, None, concurrency=concurrency)
-        window = asyncio.Semaphore(2 * concurrency)
-        tasks: set[asyncio.Task[None]] = set()
 
-        async def one(fields: dict[str, Any]) -> None:
-            nonlocal ok, done
-            try:
-                fetched = await fetcher.fetch_all(fields)  # awaited before `ok +=` reads ok
+        async def worker() -> None:
+            nonlocal ok
+            for row in rows:
+                fetched = await fetcher.fetch_all(row.fields)  # awaited before `ok +=` reads ok
                 ok += all(r.ok for r in fetched.values())
-                done += 1
-            finally:
-                window.release()
 
-        for row in read_recipients(campaign.recipients):
-            await window.acquire()
-            task = asyncio.create_task(one(row.fields))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        await asyncio.gather(*tasks)
-    return {"done": done, "ok": ok, "run_s": time.perf_counter() - started}
+        await asyncio.gather(*(worker() for _ in range(2 * concurrency)))
+    return {"ok": ok, "run_s": time.perf_counter() - started}
 
 
 async def raw_loop(port: int, recipients: Path, concurrency: int) -> dict[str, Any]:
@@ -192,12 +186,12 @@ async def raw_loop(port: int, recipients: Path, concurrency: int) -> dict[str, A
 
     ids = iter([r["id"] for r in read_rows(recipients)])  # shared: each worker takes the next id
     headers = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}", "Accept": "application/json"}
-    ok = done = 0
+    ok = 0
     started = time.perf_counter()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), headers=headers) as session:
 
         async def worker() -> None:
-            nonlocal ok, done
+            nonlocal ok
             for uid in ids:
                 for _ in range(3):
                     async with session.get(f"http://{HOST}:{port}/v1/users/{uid}/cart") as response:
@@ -205,10 +199,9 @@ async def raw_loop(port: int, recipients: Path, concurrency: int) -> dict[str, A
                     if response.status != 503:
                         ok += response.status == 200 and isinstance(json.loads(body), dict)
                         break
-                done += 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"done": done, "ok": ok, "run_s": time.perf_counter() - started}
+    return {"ok": ok, "run_s": time.perf_counter() - started}
 
 
 def plain_jinja(text: str) -> str:
@@ -232,9 +225,10 @@ def naive(work: Path, recipients: Path, limit: int, port: int) -> dict[str, Any]
     out = work / "out-naive"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    done = 0
+    ok = 0
     started = time.perf_counter()
-    with httpx.Client(headers={"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}, timeout=10) as client:
+    auth = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
+    with httpx.Client(headers=auth, timeout=10, trust_env=False) as client:  # trust_env: loopback, no proxy
         for row in read_rows(recipients, limit):
             for _ in range(3):
                 response = client.get(f"http://{HOST}:{port}/v1/users/{row['id']}/cart")
@@ -249,8 +243,8 @@ def naive(work: Path, recipients: Path, limit: int, port: int) -> dict[str, Any]
             msg.set_content(text_t.render(context))
             msg.add_alternative(mjml2html(html_t.render(context)), subtype="html")
             (out / f"{row['id']}.eml").write_bytes(bytes(msg))
-            done += 1
-    return {"done": done, "ok": done, "run_s": time.perf_counter() - started}
+            ok += 1
+    return {"ok": ok, "run_s": time.perf_counter() - started}
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -279,46 +273,74 @@ def busy_cpu() -> float:
     return float(t.user + t.system + getattr(t, "nice", 0.0))
 
 
+Parser = Callable[[str], tuple[float | None, int | None, dict[str, Any]]]  # stdout -> run s, done, detail
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path, port: int, env: dict[str, str]) -> None:
         self.args, self.work, self.port, self.env = args, work, port, env
         self.campaign = write_campaign(work, port)
         self.results: list[Result] = []
 
-    def emailpers(self, mode: str, recipients: Path, n: int, out: str, cache: Path) -> Result:
-        cmd = [sys.executable, "-m", "emailpers", "render", str(self.campaign), "--recipients", str(recipients),
-               "--out", str(self.work / out), "--cache-dir", str(cache), "--concurrency", str(self.args.concurrency),
-               "--fresh", "--no-progress"]
-        if self.args.workers is not None:
-            cmd += ["--workers", str(self.args.workers)]
+    def emailpers(self, mode: str, n: int, recipients: Path, cache: Path, out: str | None, *, empty: bool) -> Result:
+        """`emailpers render` into `out`, or `emailpers cache warm` when `out` is None;
+        `empty`: on an empty cache (each attempt)."""
+        cmd = [sys.executable, "-m", "emailpers"]
+        if out is None:
+            cmd += ["cache", "warm", str(self.campaign)]
+        else:
+            cmd += ["render", str(self.campaign), "--out", str(self.work / out), "--fresh"]
+            cmd += [] if self.args.workers is None else ["--workers", str(self.args.workers)]
+        cmd += ["--recipients", str(recipients), "--cache-dir", str(cache),
+                "--concurrency", str(self.args.concurrency), "--no-progress"]
         if self.args.profile:  # py-spy's cost lands in the figures: compare profiled runs only with each other
             spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
             speedscope = RESULTS / f"profile-{mode.replace(' ', '-')}.speedscope.json"
             cmd = [spy or "py-spy", "record", "--subprocesses", "--format", "speedscope", "-o", str(speedscope), "--", *cmd]
-        result, _ = self.run(mode, n, cmd)
-        report = json.loads((self.work / out / "report.json").read_text())
-        cart = report["sources"]["cart"]
-        result.run_s = report["elapsed_s"]
-        result.detail = {"statuses": report["this_run"], **{k: cart[k] for k in
-                         ("requests", "retries", "cache_hits", "errors", "latency_ms")}}
-        if report["this_run"]["rendered"] != n:
-            print(f"  warning: {mode}: {report['this_run']} (expected {n} rendered)", file=sys.stderr)
-        return result
+
+        def parse(stdout: str) -> tuple[float | None, int | None, dict[str, Any]]:
+            if out is None:  # cache warm writes no report.json: its summary says enough
+                found = re.search(r"this run in ([\d.]+)s.*?warmed (\d+)", stdout, re.S)
+                return (float(found[1]), int(found[2]), {}) if found else (None, None, {})
+            report = json.loads((self.work / out / "report.json").read_text())
+            cart = report["sources"]["cart"]
+            detail = {"statuses": report["this_run"], **{k: cart[k] for k in
+                      ("requests", "retries", "cache_hits", "errors", "latency_ms")}}
+            return report["elapsed_s"], report["this_run"]["rendered"], detail
+
+        return self.run(mode, n, cmd, parse, cache if empty else None)
 
     def helper(self, mode: str, n: int, *argv: str) -> Result:
-        result, stdout = self.run(mode, n, [sys.executable, __file__, *argv])
-        result.detail = json.loads(stdout.strip().splitlines()[-1])
-        result.run_s = round(result.detail.pop("run_s"), 2)
-        if result.detail["ok"] != n:
-            print(f"  warning: {mode}: {result.detail['ok']} of {n} fetched", file=sys.stderr)
-        return result
+        def parse(stdout: str) -> tuple[float | None, int | None, dict[str, Any]]:
+            figures = json.loads(stdout.strip().splitlines()[-1])
+            return round(figures["run_s"], 2), figures["ok"], {}
 
-    def run(self, mode: str, n: int, cmd: list[str]) -> tuple[Result, str]:
-        """Run `cmd`, polling its tree's RSS; one Result."""
-        print(f"  {mode}: {n:,} recipients ...", file=sys.stderr, flush=True)
+        return self.run(mode, n, [sys.executable, __file__, *argv], parse)
+
+    def run(self, mode: str, n: int, cmd: list[str], parse: Parser, empty: Path | None = None) -> Result:
+        """The fastest of --repeat runs of `cmd` (`empty` removed before each)."""
+        print(f"  {mode}: {n:,} recipients x {self.args.repeat} ...", file=sys.stderr, flush=True)
+        best: Result | None = None
+        walls = []
+        for _ in range(self.args.repeat):
+            if empty is not None:
+                shutil.rmtree(empty, ignore_errors=True)
+            result, stdout = self.once(mode, n, cmd)
+            result.run_s, done, result.detail = parse(stdout)
+            if done != n:
+                print(f"  warning: {mode}: {done} of {n} recipients done; see {self.work}", file=sys.stderr)
+            walls.append(result.wall_s)
+            best = result if best is None or result.wall_s < best.wall_s else best
+        assert best is not None
+        best.detail["walls"] = walls
+        self.results.append(best)
+        return best
+
+    def once(self, mode: str, n: int, cmd: list[str]) -> tuple[Result, str]:
+        """Run `cmd` once, polling its tree's RSS."""
         log = self.work / f"{mode.replace(' ', '-')}.log"
         api_before = api_reset(self.port)["cpu_s"]  # also: the 1% fail on their first attempt again
-        rusage, busy = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu()
+        rusage, busy, own = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu(), time.process_time()
         with log.open("w") as err:
             started = time.perf_counter()
             proc = psutil.Popen(cmd, env=self.env, cwd=self.work, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -338,10 +360,9 @@ class Bench:
         after, served = resource.getrusage(resource.RUSAGE_CHILDREN), api_reset(self.port)
         cpu = after.ru_utime - rusage.ru_utime + after.ru_stime - rusage.ru_stime
         api_cpu = served["cpu_s"] - api_before
-        other = max(0.0, busy_cpu() - busy - cpu - api_cpu)
+        other = max(0.0, busy_cpu() - busy - cpu - api_cpu - (time.process_time() - own))  # own: the polling
         result = Result(mode, n, round(wall, 2), round(peak / 2**20, 1), round(cpu, 2), round(other, 2),
                         api={"requests": served["requests"], "cpu_s": round(api_cpu, 2)})
-        self.results.append(result)
         return result, proc.stdout.read() if proc.stdout else ""
 
 
@@ -351,14 +372,16 @@ class Bench:
 def throughput(bench: Bench) -> dict[str, Any]:
     args, work, n, conc = bench.args, bench.work, bench.args.recipients, str(bench.args.concurrency)
     recipients = write_recipients(work, n)
-    cold = bench.emailpers("emailpers cold", recipients, n, "out-cold", work / "cache")
-    warm = bench.emailpers("emailpers warm", recipients, n, "out-warm", work / "cache")
-    fetch = bench.helper("emailpers fetch", n, "_fetch", str(bench.campaign), str(recipients), conc)
+    cold = bench.emailpers("emailpers cold", n, recipients, work / "cache", "out-cold", empty=True)
+    warm = bench.emailpers("emailpers warm", n, recipients, work / "cache", "out-warm", empty=False)
+    fetch = bench.emailpers("emailpers cache warm", n, recipients, work / "cache-fetch", None, empty=True)
+    fetcher = bench.helper("Fetcher, no cache", n, "_fetch", str(bench.campaign), str(recipients), conc)
     raw = bench.helper("raw aiohttp", n, "_raw", str(bench.port), str(recipients), conc)
-    # The fetch layers compared on their own timing: interpreter start and imports are not fetching.
-    ratios = {"fetch_over_raw": round((n / (fetch.run_s or 1)) / (n / (raw.run_s or 1)), 3)}
+    # Fetch rates compared on each mode's own timing: interpreter start and imports are not fetching.
+    ratios = {"cache_warm_over_raw": round((raw.run_s or raw.wall_s) / (fetch.run_s or fetch.wall_s), 3),
+              "fetcher_over_raw": round((raw.run_s or raw.wall_s) / (fetcher.run_s or fetcher.wall_s), 3)}
     targets = {"cold >= 1000 rec/s": cold.rate >= 1000, "warm >= 2500 rec/s": warm.rate >= 2500,
-               "fetch >= 60% of raw aiohttp": ratios["fetch_over_raw"] >= 0.6}
+               "fetch (cache warm) >= 60% of raw aiohttp": ratios["cache_warm_over_raw"] >= 0.6}
     if not args.skip_naive:
         k = min(args.naive, n)
         slow = bench.helper("naive", k, "_naive", str(work), str(recipients), str(k), str(bench.port))
@@ -372,7 +395,7 @@ def memory(bench: Bench) -> dict[str, Any]:
     (connections, fetches in flight, cache writes, render jobs queued)."""
     for n in (int(s) for s in bench.args.memory_sizes.split(",")):
         recipients = write_recipients(bench.work, n)
-        bench.emailpers(f"emailpers cold {n}", recipients, n, f"out-{n}", bench.work / f"cache-{n}")
+        bench.emailpers(f"emailpers cold {n}", n, recipients, bench.work / f"cache-{n}", f"out-{n}", empty=True)
     small, large = bench.results[0], bench.results[-1]
     ratio = round(large.peak_rss_mb / small.peak_rss_mb, 2)
     return {"ratios": {f"rss_{large.recipients}_over_{small.recipients}": ratio},
@@ -382,7 +405,7 @@ def memory(bench: Bench) -> dict[str, Any]:
 
 def print_table(results: list[Result], summary: dict[str, Any]) -> None:
     columns = ["mode", "recipients", "wall s", "rec/s", "peak RSS MB", "CPU s", "run s", "API CPU s", "other CPU s"]
-    widths = [18, 11, 8, 7, 12, 8, 7, 10, 12]
+    widths = [21, 11, 8, 7, 12, 8, 7, 10, 12]
     print("".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
     print("-" * sum(widths))
     for r in results:
@@ -419,6 +442,7 @@ def main() -> None:
     parser.add_argument("--jitter-ms", type=float, default=5.0, help="API latency, +/- uniformly")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight: emailpers, fetch and raw alike")
     parser.add_argument("--workers", type=int, help="emailpers render processes [emailpers' default: one per core]")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each mode; the table shows the fastest")
     parser.add_argument("--memory", action="store_true", help="only the memory comparison (cold runs)")
     parser.add_argument("--memory-sizes", default="10000,100000", help="recipient counts for --memory")
     parser.add_argument("--profile", action="store_true",

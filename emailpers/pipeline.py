@@ -20,11 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
 from emailpers.errors import RenderFailed, UnhealthySource
+from emailpers.http import HttpClient
 from emailpers.output import (
     REPORT,
     Done,
@@ -37,7 +36,6 @@ from emailpers.recipients import Row, read_recipients
 from emailpers.render import Renderer
 from emailpers.report import build_report
 from emailpers.sources import Fetched, Fetcher, SourceStats
-from emailpers.transport import AiohttpTransport
 
 DEFAULT_CONCURRENCY = 32
 HEALTH_WINDOW = 200  # first fetches of a source judged by --max-error-rate
@@ -65,9 +63,8 @@ def cache_directory(campaign: Campaign, options: RunOptions) -> Path:
     return options.cache_dir or campaign.root / DEFAULT_CACHE_DIR
 
 
-def make_client(concurrency: int) -> httpx.AsyncClient:
-    """httpx as the API, aiohttp's connection pool underneath (see transport.py)."""
-    return httpx.AsyncClient(transport=AiohttpTransport(max_connections=concurrency * 2), timeout=None, trust_env=False)
+def make_client(concurrency: int) -> HttpClient:
+    return HttpClient(max_connections=concurrency * 2)
 
 
 # -- rendering, in a worker process or in this one --------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
-import httpx
+import aiohttp
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -35,6 +35,7 @@ from emailpers.errors import (
     SourceError,
     TransientError,
 )
+from emailpers.http import BodyTooLarge, HttpClient, Response
 
 OK_OUTCOMES = frozenset({"live", "cache", "stale"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -119,7 +120,7 @@ class TokenProvider:
 
     RENEW_MARGIN = 30.0  # seconds before expiry
 
-    def __init__(self, auth: Auth, client: httpx.AsyncClient, clock: Callable[[], float]) -> None:
+    def __init__(self, auth: Auth, client: HttpClient, clock: Callable[[], float]) -> None:
         self.auth = auth
         self.client = client
         self.clock = clock
@@ -144,18 +145,21 @@ class TokenProvider:
             data["scope"] = self.auth.scope
         where = f"{self.auth.where} token_url {self.auth.token_url}"
         try:
-            response = await self.client.post(
-                self.auth.token_url, data=data, auth=(self.auth.client_id, self.auth.client_secret), timeout=10.0
+            response = await self.client.post_form(
+                self.auth.token_url,
+                data,
+                headers={"Authorization": basic_authorization(self.auth.client_id, self.auth.client_secret)},
+                timeout=10.0,
             )
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise AuthFailed(f"{where}: cannot reach the token endpoint: {type(exc).__name__}: {exc}") from None
-        if response.status_code != 200:
+        if response.status != 200:
             raise AuthFailed(
-                f"{where}: the token endpoint answered {response.status_code}; "
+                f"{where}: the token endpoint answered {response.status}; "
                 "check the client id, secret and scope in the environment"
             )
         try:
-            body = response.json()
+            body = json.loads(response.body)
             token = body["access_token"]
             lifetime = float(body.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError):
@@ -166,14 +170,17 @@ class TokenProvider:
         self.expires_at = self.clock() + lifetime
 
 
+def basic_authorization(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
 def static_auth_headers(auth: Auth | None) -> dict[str, str]:
     if auth is None or auth.kind == "oauth2":
         return {}
     if auth.kind == "bearer":
         return {"Authorization": f"Bearer {auth.secret}"}
     if auth.kind == "basic":
-        pair = base64.b64encode(f"{auth.username}:{auth.secret}".encode()).decode()
-        return {"Authorization": f"Basic {pair}"}
+        return {"Authorization": basic_authorization(auth.username, auth.secret)}
     return {auth.header_name: auth.secret}
 
 
@@ -264,7 +271,7 @@ class Fetcher:
     def __init__(
         self,
         campaign: Campaign,
-        client: httpx.AsyncClient,
+        client: HttpClient,
         cache: ResponseCache | None,
         *,
         offline: bool = False,
@@ -487,30 +494,31 @@ class Fetcher:
     async def _attempt(self, runtime: _SourceRuntime, url: str) -> _Answer:
         async with runtime.slots:
             headers = dict(runtime.headers)
-            status, response_headers, body = await self._send(runtime, url, headers)
-            if status == 401 and runtime.token is not None:
+            response = await self._send(runtime, url, headers)
+            if response.status == 401 and runtime.token is not None:
                 # One renewal, then the same request once more before it counts as
                 # failed; it waits for the rate limit like any other request.
                 rejected = headers["Authorization"].removeprefix("Bearer ")
-                status, response_headers, body = await self._send(runtime, url, headers, renew_from=rejected)
+                response = await self._send(runtime, url, headers, renew_from=rejected)
+        status = response.status
         if status == 429 or status >= 500:
             retry_after = None
             if status in (429, 503):
-                retry_after = parse_retry_after(response_headers.get("retry-after"), self.wall_clock())
+                retry_after = parse_retry_after(response.headers.get("retry-after"), self.wall_clock())
             raise TransientError(f"HTTP {status}", status, retry_after)
         if status in _REDIRECTS:
             raise BadResponse(f"HTTP {status} redirect not followed; set follow_redirects = true", status)
         if not 200 <= status < 300:
             raise BadResponse(f"HTTP {status}", status)
         try:
-            data = json.loads(body)
+            data = json.loads(response.body)
         except (ValueError, UnicodeDecodeError):
             raise BadResponse(f"HTTP {status} but the body is not JSON", status) from None
-        return _Answer(data, status, response_headers.get("cache-control"))
+        return _Answer(data, status, response.headers.get("cache-control"))
 
     async def _send(
         self, runtime: _SourceRuntime, url: str, headers: dict[str, str], *, renew_from: str | None = None
-    ) -> tuple[int, httpx.Headers, bytes]:
+    ) -> Response:
         """One request: a rate-limit slot, the current token, the timeout."""
         source = runtime.source
         if runtime.rate is not None:
@@ -523,31 +531,22 @@ class Fetcher:
                 return await self._get(url, headers, source)
         except TimeoutError:
             raise FetchTimeout(f"no answer within {source.timeout:g}s") from None
-        except httpx.TimeoutException:
-            raise FetchTimeout(f"no answer within {source.timeout:g}s") from None
-        except httpx.TransportError as exc:
+        except BodyTooLarge as exc:
+            raise BadResponse(str(exc)) from None
+        except aiohttp.ClientError as exc:
             raise TransientError(f"connection failed: {type(exc).__name__}") from None
 
-    async def _get(self, url: str, headers: dict[str, str], source: Source) -> tuple[int, httpx.Headers, bytes]:
+    async def _get(self, url: str, headers: dict[str, str], source: Source) -> Response:
         """GET with a body limit, following redirects only when allowed and only
         on the same scheme, host and port."""
         origin = urlsplit(url)[:2]
         for _ in range(_MAX_REDIRECTS + 1):
-            async with self.client.stream("GET", url, headers=headers) as response:
-                status = response.status_code
-                location = response.headers.get("location")
-                if status in _REDIRECTS and location and source.follow_redirects:
-                    target = urljoin(url, location)
-                    if urlsplit(target)[:2] != origin:
-                        raise BadResponse(f"HTTP {status} redirect to another host refused: {target}", status)
-                    url = target
-                    continue
-                chunks = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > source.max_bytes:
-                        raise BadResponse(f"response larger than max_bytes ({source.max_bytes} bytes)", status)
-                    chunks.append(chunk)
-                return status, response.headers, b"".join(chunks)
-        raise BadResponse(f"more than {_MAX_REDIRECTS} redirects", status)
+            response = await self.client.get(url, headers, max_bytes=source.max_bytes)
+            location = response.headers.get("location")
+            if response.status not in _REDIRECTS or not location or not source.follow_redirects:
+                return response
+            target = urljoin(url, location)
+            if urlsplit(target)[:2] != origin:
+                raise BadResponse(f"HTTP {response.status} redirect to another host refused: {target}", response.status)
+            url = target
+        raise BadResponse(f"more than {_MAX_REDIRECTS} redirects", response.status)
