@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -26,6 +27,7 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from emailpers.batching import Batcher
 from emailpers.cache import ResponseCache, cache_key
 from emailpers.campaign import Auth, Campaign, Source
 from emailpers.errors import (
@@ -259,8 +261,9 @@ class _SourceRuntime:
         self.slots = asyncio.Semaphore(limit)
         self.rate = RateLimiter(source.rate_limit, fetcher.clock, fetcher.sleep) if source.rate_limit else None
         self.stats = SourceStats()
-        self.pending: dict[str, tuple[dict[str, Any], asyncio.Future[Fetched]]] = {}
-        self.linger: asyncio.TimerHandle | None = None
+        self.batcher: Batcher[str, Fetched] | None = None
+        if source.batch is not None:
+            self.batcher = Batcher(source.batch.size, source.batch.linger, partial(fetcher._send_batch, self))
 
 
 class Fetcher:
@@ -293,7 +296,6 @@ class Fetcher:
         self.sources = {name: _SourceRuntime(s, env, self) for name, s in campaign.sources.items()}
         self._inflight: dict[str, asyncio.Future[Fetched]] = {}
         self._answered: OrderedDict[str, Fetched] = OrderedDict()
-        self._tasks: set[asyncio.Future[None]] = set()
 
     def token_provider(self, auth: Auth) -> TokenProvider:
         # Keyed by the whole configuration: an [auth.X] table and a source X
@@ -344,8 +346,8 @@ class Fetcher:
         future: asyncio.Future[Fetched] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            if runtime.source.batch is not None:
-                result = await self._batched(runtime, fields)
+            if runtime.batcher is not None:
+                result = await runtime.batcher.submit(str(fields[self.id_field]))
             else:
                 result = await self._network(runtime, url, record=True)
             if not result.ok and cached is not None and runtime.source.stale_if_error:
@@ -387,59 +389,24 @@ class Fetcher:
             source=source.name, url=url,
         )
 
-    async def _batched(self, runtime: _SourceRuntime, fields: dict[str, Any]) -> Fetched:
-        """Join the source's next batch; it leaves when full or after the linger."""
-        batch = runtime.source.batch
-        assert batch is not None
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Fetched] = loop.create_future()
-        runtime.pending[str(fields[self.id_field])] = (fields, future)
-        if len(runtime.pending) >= batch.size:
-            self._flush(runtime)
-        elif runtime.linger is None:
-            runtime.linger = loop.call_later(batch.linger, self._flush, runtime)
-        return await future
-
-    def _flush(self, runtime: _SourceRuntime) -> None:
-        if runtime.linger is not None:
-            runtime.linger.cancel()
-            runtime.linger = None
-        pending, runtime.pending = runtime.pending, {}
-        task = asyncio.ensure_future(self._send_batch(runtime, pending))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send_batch(self, runtime: _SourceRuntime, pending: dict[str, tuple[dict[str, Any], asyncio.Future[Fetched]]]) -> None:
+    async def _send_batch(self, runtime: _SourceRuntime, ids: list[str]) -> list[Fetched]:
+        """One request for a batch of recipients; each gets its own object."""
         batch = runtime.source.batch
         assert batch is not None and runtime.batch_url is not None
-        try:
-            runtime.stats.batches += 1
-            url = runtime.batch_url.render(ids=list(pending))
-            result = await self._network(runtime, url, record=True)
-            index: dict[str, Any] = {}
-            if result.ok:
-                items = result.data.get(batch.items) if isinstance(result.data, dict) else None
-                if not isinstance(items, list):
-                    result = replace(result, outcome="error", data=None,
-                                     error=f"batch response has no list {batch.items!r}")
-                else:
-                    index = {str(item.get(batch.key)): item for item in items if isinstance(item, dict)}
-            for rid, (_, future) in pending.items():
-                if not result.ok:
-                    answer = result
-                elif rid in index:
-                    answer = replace(result, data=index[rid])
-                else:
-                    answer = replace(result, outcome="error", data=None,
-                                     error=f"id {rid} missing from the batch response")
-                if not future.done():
-                    future.set_result(answer)
-        except BaseException as exc:
-            for _, future in pending.values():
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise  # cancelled: end cancelled. An error lives on in the futures, awaited by fetch().
+        runtime.stats.batches += 1
+        result = await self._network(runtime, runtime.batch_url.render(ids=ids), record=True)
+        if not result.ok:
+            return [result] * len(ids)
+        items = result.data.get(batch.items) if isinstance(result.data, dict) else None
+        if not isinstance(items, list):
+            return [replace(result, outcome="error", data=None, error=f"batch response has no list {batch.items!r}")] * len(ids)
+        index = {str(item.get(batch.key)): item for item in items if isinstance(item, dict)}
+        return [
+            replace(result, data=index[rid])
+            if rid in index
+            else replace(result, outcome="error", data=None, error=f"id {rid} missing from the batch response")
+            for rid in ids
+        ]
 
     async def _network(self, runtime: _SourceRuntime, url: str, *, record: bool) -> Fetched:
         """One logical request with retries, within the source's limits."""
