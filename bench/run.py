@@ -20,7 +20,9 @@ summed over the process tree, polled every 50 ms; CPU of the tree):
 
 Results: a table on stdout and bench/results/latest.json (memory.json for --memory).
 `other CPU s` is CPU used meanwhile by processes outside the benchmark: on a
-small machine, anything above a second or two makes that row noise.
+small machine, anything above a second or two makes that row noise; --repeat 3
+keeps the fastest of three. To measure a frozen copy of the code while the
+checkout changes, put its parent folder first: PYTHONPATH=/tmp/snapshot python bench/run.py
 `_api`, `_fetch`, `_raw` and `_naive` are this file's own child processes.
 """
 
@@ -406,12 +408,12 @@ def memory(bench: Bench) -> dict[str, Any]:
 def print_table(results: list[Result], summary: dict[str, Any]) -> None:
     columns = ["mode", "recipients", "wall s", "rec/s", "peak RSS MB", "CPU s", "run s", "API CPU s", "other CPU s"]
     widths = [21, 11, 8, 7, 12, 8, 7, 10, 12]
-    print("".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
+    print("".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths, strict=True))))
     print("-" * sum(widths))
     for r in results:
         cells = [f"{r.recipients:,}", f"{r.wall_s:.2f}", f"{r.rate:.0f}", f"{r.peak_rss_mb:.1f}", f"{r.cpu_s:.2f}",
                  "-" if r.run_s is None else f"{r.run_s:.2f}", f"{r.api['cpu_s']:.2f}", f"{r.other_cpu_s:.2f}"]
-        print(r.mode.ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(cells, widths[1:])))
+        print(r.mode.ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(cells, widths[1:], strict=True)))
     print()
     for name, value in summary["ratios"].items():
         print(f"{name}: {value}")

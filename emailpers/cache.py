@@ -51,7 +51,12 @@ class ResponseCache:
         self.directory = directory
         self.clock = clock
         # cull_limit=0: no size check on every write; expiry removes old entries.
-        self._cache = diskcache.Cache(str(directory), size_limit=2**32, cull_limit=0)
+        # No mmap and a small page cache: a run reads each entry about once, and
+        # diskcache's defaults (64 MiB mmap, 32 MiB cache) grew the process's RSS
+        # with the size of the cache file.
+        self._cache = diskcache.Cache(
+            str(directory), size_limit=2**32, cull_limit=0, sqlite_mmap_size=0, sqlite_cache_size=256
+        )
         self._pending: dict[str, tuple[Entry, float]] = {}
         self._last_flush = time.monotonic()
 

@@ -17,6 +17,7 @@ Two properties matter beyond speed:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -46,8 +47,11 @@ class Response:
     body: bytes
 
 
+_PLAIN_URL = re.compile(r"[A-Za-z0-9:/?#\[\]@!$&'()*+,;=%~._-]*")
+
+
 def _url(url: str) -> URL:
-    return URL(quote(url, safe=_URL_SAFE), encoded=True)
+    return URL(url if _PLAIN_URL.fullmatch(url) else quote(url, safe=_URL_SAFE), encoded=True)
 
 
 class HttpClient:

@@ -70,21 +70,33 @@ def _header_line(name: str, value: str) -> str:
     return f"{name}: {Header(value, charset, header_name=name).encode(linesep=CRLF)}"
 
 
-def _qp_part(content_type: str, body: str) -> str:
+def _text_part(body: str) -> str:
+    """text/plain as quoted-printable: it stays readable in the raw file."""
     # Encoded from LF-only text, then every LF made CRLF: given CRLF, b2a_qp
     # still passes a lone CR through and, for a body without a line break,
     # folds long lines with a bare LF.
     lf_body = body.replace("\r\n", "\n").replace("\r", "\n").encode()
     encoded = binascii.b2a_qp(lf_body, istext=True).decode("ascii").replace("\n", CRLF)
+    return _part("text/plain", "quoted-printable", encoded)
+
+
+def _html_part(body: str) -> str:
+    """text/html as base64: 0.01 ms for an 8 KB part where quoted-printable
+    took 0.07 ms, 13% of a warm render process; MJML's output has lines of
+    thousands of characters, so 8bit (998 at most) is not an option."""
+    encoded = base64.encodebytes(body.encode()).decode("ascii").replace("\n", CRLF)
+    return _part("text/html", "base64", encoded)
+
+
+def _part(content_type: str, encoding: str, encoded: str) -> str:
     return (
         f'Content-Type: {content_type}; charset="utf-8"{CRLF}'
-        f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}{encoded}"
+        f"Content-Transfer-Encoding: {encoding}{CRLF}{CRLF}{encoded}"
     )
 
 
 def build_eml(message: Email, to: str, envelope: Envelope) -> bytes:
-    """multipart/alternative, text/plain then text/html, UTF-8 quoted-printable,
-    CRLF line endings.
+    """multipart/alternative, text/plain then text/html, UTF-8, CRLF line endings.
 
     Written directly rather than through email.message: the stdlib's generator
     cost 1.1 ms a message here (EmailMessage 2-3 ms), more than Jinja and MJML
@@ -104,8 +116,8 @@ def build_eml(message: Email, to: str, envelope: Envelope) -> bytes:
     return (
         f"{head}{CRLF}"
         f'Content-Type: multipart/alternative; boundary="{boundary}"{CRLF}{CRLF}'
-        f"--{boundary}{CRLF}{_qp_part('text/plain', message.text)}{CRLF}"
-        f"--{boundary}{CRLF}{_qp_part('text/html', message.html)}{CRLF}"
+        f"--{boundary}{CRLF}{_text_part(message.text)}{CRLF}"
+        f"--{boundary}{CRLF}{_html_part(message.html)}{CRLF}"
         f"--{boundary}--{CRLF}"
     ).encode("ascii")
 

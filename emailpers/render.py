@@ -151,7 +151,13 @@ class Renderer:
         except jinja2.TemplateNotFound as exc:
             raise CampaignError(f"{path}: template includes {exc.name}, which is not in {self.campaign.root}") from None
 
-    def _compile(self, source: str, where: str) -> jinja2.Template:
+    def _compile(self, source: str, where: str) -> jinja2.Template | str:
+        """A template, or the text itself when it has no Jinja in it (rendered
+        once here rather than once per recipient)."""
+        if "{" not in source:
+            if "\n" in source or "\r" in source:
+                raise CampaignError(f"{where}: a header value cannot contain a line break")
+            return source.strip()
         try:
             return self.env.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
@@ -174,13 +180,13 @@ class Renderer:
 
         used_fallback_template = False
         text: str | None = None
-        rendering = self.campaign.template_name(self.campaign.template)
+        rendering = self.template
         try:
             body = self.template.render(context)
             if self.text_template is not None:
                 # In the same try: a failed source used outside a live block of
                 # the text template also sends the recipient the fallback_template.
-                rendering = f"text_template {self.text_template.name}"
+                rendering = self.text_template
                 text = self.text_template.render(context)
             template = self.campaign.template
         except SourceUnavailableError as exc:
@@ -194,7 +200,8 @@ class Renderer:
             template = self.campaign.fallback_template  # type: ignore[assignment]
             text = None
         except _DATA_ERRORS as exc:
-            raise RenderFailed(f"{rendering}: {_describe(exc)}") from None
+            what = rendering.name if rendering is self.template else f"text_template {rendering.name}"
+            raise RenderFailed(f"{what}: {_describe(exc)}") from None
 
         html = self._to_html(body, template)
         if preheader:
@@ -209,7 +216,9 @@ class Renderer:
         except _DATA_ERRORS as exc:
             raise RenderFailed(f"{what} {template.name}: {_describe(exc)}") from None
 
-    def _header_value(self, name: str, template: jinja2.Template, context: dict[str, Any]) -> str:
+    def _header_value(self, name: str, template: jinja2.Template | str, context: dict[str, Any]) -> str:
+        if isinstance(template, str):
+            return template
         value = self._run(template, context, name).strip()
         if "\n" in value or "\r" in value:
             raise RenderFailed(f"{name} would contain a line break (header injection refused): {value[:80]!r}")

@@ -4,6 +4,7 @@ Built from values; formatting for humans is `summary()`, for machines JSON."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from emailpers.sources import SourceStats
@@ -11,7 +12,7 @@ from emailpers.sources import SourceStats
 STATUSES = ("rendered", "fallback", "skipped", "invalid", "failed")
 
 
-def percentile(values: list[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile; None for no values."""
     if not values:
         return None
