@@ -4,6 +4,7 @@
     ├── CampaignError              the run cannot start: campaign file, templates, env vars (exit 1)
     ├── OutputError                the output folder cannot be used (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
+    ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
     └── UnhealthySource            a source failed too often; the run stopped early (exit 4)
 
     RecipientError                 one recipient cannot be served; recorded in the manifest,
@@ -36,6 +37,10 @@ class OutputError(EmailpersError):
 
 class AuthFailed(EmailpersError):
     """The OAuth token endpoint did not give us a token: every request would fail."""
+
+
+class RenderProcessDied(EmailpersError):
+    """A render process ended abruptly; the pool cannot go on."""
 
 
 class UnhealthySource(EmailpersError):

@@ -23,7 +23,7 @@ from typing import Any
 from emailpers.batching import Batcher
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
-from emailpers.errors import UnhealthySource
+from emailpers.errors import RenderProcessDied, UnhealthySource
 from emailpers.http import HttpClient
 from emailpers.output import REPORT, Done, Manifest, write_atomic
 from emailpers.recipients import Row, read_recipients
@@ -165,7 +165,13 @@ class Run:
             loop = asyncio.get_running_loop()
 
             async def render_chunk(jobs: list[Job]) -> list[Served]:
-                return await loop.run_in_executor(pool, serve_chunk, jobs)
+                try:
+                    return await loop.run_in_executor(pool, serve_chunk, jobs)
+                except concurrent.futures.BrokenExecutor:
+                    raise RenderProcessDied(
+                        "a render process died (out of memory, or killed); finished recipients are in the "
+                        "manifest: run the same command again to resume, with --workers 0 to render in one process"
+                    ) from None
 
             self.render_queue = Batcher(RENDER_CHUNK, RENDER_LINGER, render_chunk)
         async with make_client(options.concurrency) as client:

@@ -24,7 +24,7 @@ _EMAIL = re.compile(r"^[^@\s<>\"(),;:]+@[^@\s<>\"(),;:\[\]]+\.[^@\s<>\"(),;:\[\]
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    number: int  # line of the file the row starts on
+    number: int  # line of the file the row ends on (a quoted CSV value may span lines)
     fields: dict[str, Any]
     id: str | None
     email: str | None

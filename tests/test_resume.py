@@ -147,3 +147,39 @@ def test_a_foreign_manifest_is_refused(tmp_path: Path) -> None:
     )
     assert render(campaign, out, "--fresh").exit_code == 0
     assert list(manifest(out)) == ["r1"]
+
+
+def test_a_killed_render_process_stops_the_run_cleanly_and_it_resumes(api: ScriptedAPI, tmp_path: Path) -> None:
+    import psutil
+
+    behaviour = api.serve("/users/*", lambda request: {"products": [request.path.split("/")[2].upper()]}, delay=0.1)
+    ids = [p["id"] for p in people(60)]
+    campaign = write_campaign(tmp_path / "c", recipients=people(60),
+                              sources={"shop": source(api.url + "/users/{{ id }}/cart")})
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "emailpers", "render", str(campaign), "--out", str(out),
+               "--workers", "2", "--concurrency", "2", "--no-progress"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not list((out / "messages").glob("*.eml")):
+            assert process.poll() is None and time.monotonic() < deadline, "no message written within 30 s"
+            time.sleep(0.01)
+        workers = [c for c in psutil.Process(process.pid).children() if "multiprocessing" in " ".join(c.cmdline())
+                   and "resource_tracker" not in " ".join(c.cmdline())]
+        assert workers, "no render process found"
+        workers[0].kill()
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, stderr
+    assert stderr.decode().startswith("Error: a render process died"), stderr
+    assert "Traceback" not in stderr.decode()
+
+    behaviour.delay = 0.0
+    result = render(campaign, out)
+
+    assert result.exit_code == 0, result.output
+    assert_whole(out, ids)
