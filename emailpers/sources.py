@@ -14,6 +14,7 @@ import base64
 import email.utils
 import json
 import random
+import re
 import time
 from array import array
 from collections import OrderedDict
@@ -112,6 +113,35 @@ def _encode(value: Any) -> str:
 
 def url_environment() -> SandboxedEnvironment:
     return SandboxedEnvironment(undefined=jinja2.StrictUndefined, finalize=_encode, autoescape=False)
+
+
+_PLAIN_FIELD = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+class UrlTemplate:
+    """A source's URL for one recipient. A URL made of plain `{{ field }}`
+    substitutions is filled in directly (the sandboxed Jinja render was 6% of a
+    cold run's main process); anything else goes through Jinja. Both encode
+    every value with `_encode`."""
+
+    def __init__(self, source: str, env: SandboxedEnvironment) -> None:
+        plain = not re.search(r"[{}]", _PLAIN_FIELD.sub("", source))
+        self._parts = _PLAIN_FIELD.split(source) if plain else None  # literal, name, literal, ...
+        self._template = None if plain else env.from_string(source)
+
+    def render(self, fields: dict[str, Any]) -> str:
+        if self._template is not None:
+            return self._template.render(fields)
+        assert self._parts is not None
+        out = []
+        for i, part in enumerate(self._parts):
+            if i % 2 == 0:
+                out.append(part)
+            elif part in fields:
+                out.append(_encode(fields[part]))
+            else:
+                raise jinja2.UndefinedError(f"'{part}' is undefined")
+        return "".join(out)
 
 
 # -- auth ------------------------------------------------------------------------
@@ -254,7 +284,7 @@ class _SourceRuntime:
 
     def __init__(self, source: Source, env: SandboxedEnvironment, fetcher: Fetcher) -> None:
         self.source = source
-        self.url = env.from_string(source.url)
+        self.url = UrlTemplate(source.url, env)
         self.batch_url = env.from_string(source.batch.url) if source.batch else None
         self.headers = {**source.headers, **static_auth_headers(source.auth)}
         self.token = fetcher.token_provider(source.auth) if source.auth and source.auth.kind == "oauth2" else None
