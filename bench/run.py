@@ -21,7 +21,7 @@ summed over the process tree, polled every 50 ms; CPU of the tree):
 Results: a table on stdout and bench/results/latest.json (memory.json for --memory).
 `other CPU s` is CPU used meanwhile by processes outside the benchmark: on a
 small machine, anything above a second or two makes that row noise; --repeat 3
-keeps the fastest of three. To measure a frozen copy of the code while the
+shows the median of three. To measure a frozen copy of the code while the
 checkout changes, put its parent folder first: PYTHONPATH=/tmp/snapshot python bench/run.py
 `_api`, `_fetch`, `_raw` and `_naive` are this file's own child processes.
 """
@@ -320,10 +320,9 @@ class Bench:
         return self.run(mode, n, [sys.executable, __file__, *argv], parse)
 
     def run(self, mode: str, n: int, cmd: list[str], parse: Parser, empty: Path | None = None) -> Result:
-        """The fastest of --repeat runs of `cmd` (`empty` removed before each)."""
+        """The median (by wall time) of --repeat runs of `cmd` (`empty` removed before each)."""
         print(f"  {mode}: {n:,} recipients x {self.args.repeat} ...", file=sys.stderr, flush=True)
-        best: Result | None = None
-        walls = []
+        runs: list[Result] = []
         for _ in range(self.args.repeat):
             if empty is not None:
                 shutil.rmtree(empty, ignore_errors=True)
@@ -331,12 +330,12 @@ class Bench:
             result.run_s, done, result.detail = parse(stdout)
             if done != n:
                 print(f"  warning: {mode}: {done} of {n} recipients done; see {self.work}", file=sys.stderr)
-            walls.append(result.wall_s)
-            best = result if best is None or result.wall_s < best.wall_s else best
-        assert best is not None
-        best.detail["walls"] = walls
-        self.results.append(best)
-        return best
+            runs.append(result)
+        runs.sort(key=lambda r: r.wall_s)
+        median = runs[len(runs) // 2]
+        median.detail["walls"] = [r.wall_s for r in runs]
+        self.results.append(median)
+        return median
 
     def once(self, mode: str, n: int, cmd: list[str]) -> tuple[Result, str]:
         """Run `cmd` once, polling its tree's RSS."""
@@ -444,7 +443,7 @@ def main() -> None:
     parser.add_argument("--jitter-ms", type=float, default=5.0, help="API latency, +/- uniformly")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight: emailpers, fetch and raw alike")
     parser.add_argument("--workers", type=int, help="emailpers render processes [emailpers' default: one per core]")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each mode; the table shows the fastest")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each mode; the table shows the median")
     parser.add_argument("--memory", action="store_true", help="only the memory comparison (cold runs)")
     parser.add_argument("--memory-sizes", default="10000,100000", help="recipient counts for --memory")
     parser.add_argument("--profile", action="store_true",
