@@ -210,19 +210,18 @@ class Run:
                 raise self.fatal
 
     def _rows(self, seen: set[str]) -> Iterator[Row]:
-        """Rows still to do, with duplicate ids turned invalid."""
+        """Rows still to do, with duplicate ids turned invalid. Rows an earlier
+        run finished count as progress at once."""
         done = self.manifest.done if self.manifest else Done()
         for row in read_recipients(self.campaign.recipients):
-            if row.problem is not None or row.id is None:
-                if row.number not in done.invalid_rows:
-                    yield row
-                continue
-            if row.id in seen:
-                if row.number not in done.invalid_rows:
-                    yield replace(row, problem=f"duplicate id {row.id!r} (first seen earlier in the file)")
-                continue
-            seen.add(row.id)
-            if row.id not in done.ids:
+            if row.problem is None and row.id is not None and row.id in seen:
+                row = replace(row, problem=f"duplicate id {row.id!r} (first seen earlier in the file)")
+            elif row.problem is None and row.id is not None:
+                seen.add(row.id)
+            finished = row.number in done.invalid_rows if row.problem is not None else row.id in done.ids
+            if finished:
+                self.progress(1)
+            else:
                 yield row
 
     async def _serve(self, row: Row, fetcher: Fetcher) -> None:
