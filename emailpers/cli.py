@@ -62,10 +62,6 @@ def _errors() -> Iterator[None]:
         sys.exit(130)
 
 
-def _load(campaign_file: Path, recipients: Path | None) -> Campaign:
-    return load_campaign(campaign_file, recipients)
-
-
 @contextmanager
 def _progress(campaign: Campaign, enabled: bool, label: str = "Rendering") -> Iterator[Callable[[int], None] | None]:
     if not enabled or not sys.stderr.isatty():
@@ -76,6 +72,12 @@ def _progress(campaign: Campaign, enabled: bool, label: str = "Rendering") -> It
         yield bar.update
 
 
+_cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+    help="Response cache folder [default: .emailpers-cache next to the campaign file].",
+)
+
+
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by `render` and `cache warm`."""
     for option in reversed(
@@ -84,8 +86,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
                          help="Recipient file (.csv or .jsonl); overrides [recipients] path."),
             click.option("--concurrency", type=click.IntRange(1, 4096), default=DEFAULT_CONCURRENCY, show_default=True,
                          help="Requests in flight at once, over all sources."),
-            click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-                         help="Response cache folder [default: .emailpers-cache next to the campaign file]."),
+            _cache_dir_option,
             click.option("--max-error-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                          help="Stop (exit 4) when more than this share of a source's first 200 fetches fail."),
             click.option("--progress/--no-progress", default=True, help="Progress bar on a terminal."),
@@ -129,7 +130,7 @@ def render(
     if no_cache and offline:
         raise click.UsageError("--offline reads the cache; it cannot be combined with --no-cache")
     with _errors():
-        campaign = _load(campaign_file, recipients)
+        campaign = load_campaign(campaign_file, recipients)
         options = RunOptions(
             out=out,
             formats=formats,
@@ -171,7 +172,7 @@ def cache_warm(
     not be fetched.
     """
     with _errors():
-        campaign = _load(campaign_file, recipients)
+        campaign = load_campaign(campaign_file, recipients)
         options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate)
         with _progress(campaign, progress, "Warming") as update:
             report = warm_cache(campaign, options, update)
@@ -185,12 +186,6 @@ def _open_cache(campaign_file: Path, cache_dir: Path | None) -> tuple[Campaign, 
     if not directory.is_dir():
         raise CampaignError(f"{directory}: no cache here yet; `emailpers cache warm` or a render creates it")
     return campaign, ResponseCache(directory)
-
-
-_cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-    help="Response cache folder [default: .emailpers-cache next to the campaign file].",
-)
 
 
 @cache.command("stats")
