@@ -123,9 +123,16 @@ def build_eml(message: Email, to: str, envelope: Envelope) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write whole or not at all: a temporary file, then a rename. os.open
+    rather than open(): no buffering layer, and three fewer system calls."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
