@@ -43,6 +43,8 @@ class RenderJob:
             return Served("failed", [], [], str(exc))
         except OSError as exc:
             return Served("failed", [], [], f"cannot write message file: {exc.strerror}")
+        except Exception as exc:  # noqa: BLE001 - one recipient must never stop the run
+            return Served("failed", [], [], f"unexpected error while rendering: {type(exc).__name__}: {exc}")
         fell_back = message.used_fallback_template or bool(message.fallback_blocks)
         return Served("fallback" if fell_back else "rendered", message.fallback_blocks, files, None)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import ScriptedAPI, eml_of, manifest, manifest_lines, parts, render, source, write_campaign
 
 PEOPLE = [
@@ -442,3 +444,27 @@ def test_data_error_in_the_text_template_names_it(api: ScriptedAPI, tmp_path: Pa
 
     assert result.exit_code == 3, result.output
     assert manifest(out)["r1"]["error"] == "text_template email.txt.j2: 'dict object' has no attribute 'city'"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unexpected_render_error_fails_that_recipient_not_the_run(tmp_path: Path, workers: int) -> None:
+    # Endless recursion raises RecursionError: not a data error a live block
+    # expects, yet one recipient's failure must still not stop the run.
+    template = (
+        "{% macro deep(n) %}{{ deep(n + 1) }}{% endmacro %}"
+        "<p>Hi {{ first_name }}</p>{% if first_name == 'Loop' %}{{ deep(0) }}{% endif %}"
+    )
+    people = [
+        {"id": "ok", "email": "ok@example.com", "first_name": "Ann"},
+        {"id": "loop", "email": "loop@example.com", "first_name": "Loop"},
+    ]
+    campaign = write_campaign(tmp_path / "c", recipients=people, template=template)
+    out = tmp_path / "out"
+
+    result = render(campaign, out, workers=workers)
+
+    assert result.exit_code == 3, result.output
+    entries = manifest(out)
+    assert entries["ok"]["status"] == "rendered"
+    assert entries["loop"]["status"] == "failed"
+    assert entries["loop"]["error"].startswith("unexpected error while rendering: RecursionError")
