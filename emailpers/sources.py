@@ -160,6 +160,7 @@ class TokenProvider:
         self.token = ""
         self.expires_at = 0.0
         self.renewals = 0
+        self._lifetime = 3600.0  # of the current token, as the endpoint said
         self._lock = asyncio.Lock()
 
     async def header(self, *, renew_from: str | None = None) -> str:
@@ -169,8 +170,6 @@ class TokenProvider:
             if not self.token or stale or self.token == renew_from:
                 await self._renew()
             return f"Bearer {self.token}"
-
-    _lifetime = 3600.0
 
     async def _renew(self) -> None:
         data = {"grant_type": "client_credentials"}

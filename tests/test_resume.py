@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ScriptedAPI, manifest, manifest_lines, parse_eml, parts, render, report, source, write_campaign
+from conftest import Behaviour, ScriptedAPI, manifest, manifest_lines, parse_eml, parts, render, report, source, write_campaign
 
 
 def people(n: int) -> list[dict[str, str]]:
@@ -36,15 +36,23 @@ def assert_whole(out: Path, ids: list[str]) -> None:
         assert f"<p>Cart: {rid.upper()}</p>" in parts(message)["html"]
 
 
-def test_killed_run_resumes_with_each_recipient_once(api: ScriptedAPI, tmp_path: Path) -> None:
+def start_render(
+    api: ScriptedAPI, tmp_path: Path, n: int, workers: int
+) -> tuple[Behaviour, list[str], Path, Path, subprocess.Popen[bytes]]:
+    """A real `python -m emailpers render` process against a slow loopback API:
+    (the API behaviour, the ids, the campaign, the output folder, the process)."""
     behaviour = api.serve("/users/*", lambda request: {"products": [request.path.split("/")[2].upper()]}, delay=0.1)
-    ids = [p["id"] for p in people(40)]
-    campaign = write_campaign(tmp_path / "c", recipients=people(40),
+    campaign = write_campaign(tmp_path / "c", recipients=people(n),
                               sources={"shop": source(api.url + "/users/{{ id }}/cart")})
     out = tmp_path / "out"
     command = [sys.executable, "-m", "emailpers", "render", str(campaign), "--out", str(out),
-               "--workers", "0", "--concurrency", "2", "--no-progress"]
+               "--workers", str(workers), "--concurrency", "2", "--no-progress"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return behaviour, [p["id"] for p in people(n)], campaign, out, process
+
+
+def test_killed_run_resumes_with_each_recipient_once(api: ScriptedAPI, tmp_path: Path) -> None:
+    behaviour, ids, campaign, out, process = start_render(api, tmp_path, 40, workers=0)
     try:
         deadline = time.monotonic() + 20
         while len(complete_lines(out / "manifest.jsonl")) < 3:
@@ -152,14 +160,7 @@ def test_a_foreign_manifest_is_refused(tmp_path: Path) -> None:
 def test_a_killed_render_process_stops_the_run_cleanly_and_it_resumes(api: ScriptedAPI, tmp_path: Path) -> None:
     import psutil
 
-    behaviour = api.serve("/users/*", lambda request: {"products": [request.path.split("/")[2].upper()]}, delay=0.1)
-    ids = [p["id"] for p in people(60)]
-    campaign = write_campaign(tmp_path / "c", recipients=people(60),
-                              sources={"shop": source(api.url + "/users/{{ id }}/cart")})
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "emailpers", "render", str(campaign), "--out", str(out),
-               "--workers", "2", "--concurrency", "2", "--no-progress"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    behaviour, ids, campaign, out, process = start_render(api, tmp_path, 60, workers=2)
     try:
         deadline = time.monotonic() + 30
         while not list((out / "messages").glob("*.eml")):
