@@ -62,6 +62,7 @@ class TokenProvider:
         self.base_fields: set[str] = set()
         self._bases: dict[str, str] = {}  # of the current token
         self._lifetime = auth.token_lifetime  # of the current token
+        self._failed: AuthFailed | None = None
         self._lock = asyncio.Lock()
 
     async def header(self, *, renew_from: str | None = None) -> str:
@@ -78,9 +79,17 @@ class TokenProvider:
             return self._bases[name]
 
     async def _fresh(self, renew_from: str | None) -> None:
+        if self._failed is not None:
+            # The run is stopping; the requests queued behind the failed one
+            # must not each ask the endpoint again.
+            raise self._failed
         stale = self.clock() >= self.expires_at - min(self.RENEW_MARGIN, self._lifetime / 10)
         if not self.token or stale or self.token == renew_from:
-            await self._renew()
+            try:
+                await self._renew()
+            except AuthFailed as exc:
+                self._failed = exc
+                raise
 
     def _request(self) -> tuple[dict[str, str] | None, dict[str, str] | None, dict[str, str]]:
         """(form, json, headers) of the token request, per `client_auth`."""

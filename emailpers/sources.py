@@ -294,8 +294,10 @@ class Fetcher:
             return self._count(stats, Fetched("error", error=f"url: {exc}"))
         if runtime.source.base_url_from is not None and self.offline:
             return Fetched("skipped", error=f"offline, and the base URL comes from the token ({runtime.source.base_url_from})")
-        url = await runtime.absolute(url)
-        key = cache_key("GET", url)
+        # `url` is only a path for a base_url_from source: each attempt puts the
+        # current token's base before it (_send). The key is on the whole URL.
+        final_url = await runtime.absolute(url)
+        key = cache_key("GET", final_url)
         cached = self.cache.get(key) if self.cache is not None and runtime.source.cache_ttl > 0 else None
         if cached is not None and cached.is_fresh(self.wall_clock()):
             stats.cache_hits += 1
@@ -324,7 +326,7 @@ class Fetcher:
                 stats.stale += 1
                 result = replace(result, outcome="stale", data=cached.data)
             elif result.outcome == "live" and not result.shared:
-                self._store(runtime, key, url, result)
+                self._store(runtime, key, final_url, result)
                 self._remember(key, result)
             future.set_result(result)
             return self._count(stats, result)
@@ -364,7 +366,7 @@ class Fetcher:
         batch = runtime.source.batch
         assert batch is not None and runtime.batch_url is not None
         runtime.stats.batches += 1
-        result = await self._network(runtime, await runtime.absolute(runtime.batch_url.render(ids=ids)), record=True)
+        result = await self._network(runtime, runtime.batch_url.render(ids=ids), record=True)
         if not result.ok:
             return [result] * len(ids)
         items = result.data.get(batch.items) if isinstance(result.data, dict) else None
@@ -477,6 +479,9 @@ class Fetcher:
         runtime.stats.requests += 1
         if runtime.token is not None:
             headers["Authorization"] = await runtime.token.header(renew_from=renew_from)
+            # The base of the token just used: a renewed token's base from then on,
+            # even for a request that was queued (or refused) before the renewal.
+            url = await runtime.absolute(url)
         try:
             async with asyncio.timeout(source.timeout):
                 return await self._get(url, headers, source)
