@@ -138,7 +138,7 @@ class TokenProvider:
         token = answer["access_token"]
         if not _TOKEN.fullmatch(token):
             raise AuthFailed(
-                f"{where}: the access_token holds spaces, control or non-ASCII characters; it cannot go in a header"
+                f"{where}: the token endpoint's access_token holds spaces, control or non-ASCII characters; it cannot go in a header"
             )
         lifetime = _lifetime(answer.get("expires_in"), auth.token_lifetime, where)
         bases = {name: _base_url(answer.get(name), name, where) for name in sorted(self.base_fields)}
