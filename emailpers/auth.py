@@ -91,20 +91,23 @@ class TokenProvider:
                 self._failed = exc
                 raise
 
-    def _request(self) -> tuple[dict[str, str] | None, dict[str, str] | None, dict[str, str]]:
-        """(form, json, headers) of the token request, per `client_auth`."""
+    def _request(self) -> tuple[dict[str, str] | None, dict[str, str | int] | None, dict[str, str]]:
+        """(form, json, headers) of the token request, per `client_auth`. An
+        integer parameter stays a number in JSON (Marketing Cloud's account_id)."""
         auth = self.auth
-        params = {"grant_type": "client_credentials"}
+        params: dict[str, str | int] = {"grant_type": "client_credentials"}
         if auth.scope:
             params["scope"] = auth.scope
         params.update(auth.token_params)
         params.update(auth.secret_token_params)
+        headers = {}
         if auth.client_auth == "basic":
-            return params, None, {"Authorization": basic_authorization(auth.client_id, auth.client_secret)}
-        params |= {"client_id": auth.client_id, "client_secret": auth.client_secret}
-        if auth.client_auth == "post":
-            return params, None, {}
-        return None, params, {}
+            headers["Authorization"] = basic_authorization(auth.client_id, auth.client_secret)
+        else:
+            params |= {"client_id": auth.client_id, "client_secret": auth.client_secret}
+        if auth.client_auth == "json":
+            return None, params, headers
+        return {name: str(value) for name, value in params.items()}, None, headers
 
     async def _renew(self) -> None:
         auth = self.auth

@@ -52,7 +52,7 @@ class Auth:
     scope: str = ""
     client_auth: str = "basic"  # "basic" | "post" | "json": how the token request carries the client's secret
     # Extra token request parameters, as (name, value) pairs so the table stays hashable.
-    token_params: tuple[tuple[str, str], ...] = ()
+    token_params: tuple[tuple[str, str | int], ...] = ()
     secret_token_params: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # from token_params_env
     token_lifetime: float = DEFAULT_TOKEN_LIFETIME
 
@@ -364,7 +364,10 @@ def _load_auth(loader: _Loader, a: _Table) -> Auth:
     client_auth = a.get("client_auth", str, "basic")
     if client_auth not in _CLIENT_AUTH:
         raise loader.error(where, "client_auth", f"must be one of {', '.join(map(repr, _CLIENT_AUTH))}, got {client_auth!r}")
-    params = a.strings("token_params")
+    params = a.get("token_params", dict, {})
+    for name, value in params.items():
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise loader.error(where, "token_params", f"value of {name!r} must be a string or an integer, got {_show(value)}")
     secret_params = a.env_table("token_params_env")
     for key, names in (("token_params", params), ("token_params_env", secret_params)):
         for name in names:

@@ -31,7 +31,7 @@ class OneMethodTokenServer(TokenServer):
         *,
         client_id: str = "cid",
         client_secret: str = "csecret",
-        required: dict[str, str] | None = None,
+        required: dict[str, Any] | None = None,
         expires_in: float | None = 600,
         base_url: Callable[[int], Any] | None = None,
         prefix: str = "tok",
@@ -43,7 +43,7 @@ class OneMethodTokenServer(TokenServer):
         self.required = required or {}  # parameters the request must carry, with their values
         self.send_expires_in = expires_in is not None
         self.base_url = base_url  # token number (1, 2, ...) -> rest_instance_url
-        self.params: list[dict[str, str]] = []  # every accepted request's parameters, secrets included
+        self.params: list[dict[str, Any]] = []  # every accepted request's parameters, secrets included
 
     def _token(self, request: Request, _: re.Match[str]) -> Response:
         if self.fail_with is not None:
@@ -65,7 +65,7 @@ class OneMethodTokenServer(TokenServer):
             answer["rest_instance_url"] = self.base_url(number)
         return Response(200, answer)
 
-    def _params(self, request: Request) -> dict[str, str] | None:
+    def _params(self, request: Request) -> dict[str, Any] | None:
         """The request's parameters if it used this server's method, else None."""
         content_type = request.headers.get("content-type", "")
         authorization = request.headers.get("authorization")
@@ -78,7 +78,7 @@ class OneMethodTokenServer(TokenServer):
                 return None
             if not isinstance(body, dict):
                 return None
-            params = {k: v for k, v in body.items() if isinstance(v, str)}
+            params = body
         else:
             if not content_type.startswith("application/x-www-form-urlencoded"):
                 return None

@@ -76,11 +76,11 @@ SFMC_AUTH = 'token_params_env = { account_id = "T_MID" }\n'
 SFMC_SOURCE = 'base_url_from = "rest_instance_url"\n'
 
 
-def sfmc_campaign(tmp_path: Path, tokens: OneMethodTokenServer, n: int = 6, source_extra: str = "") -> Path:
+def sfmc_campaign(tmp_path: Path, tokens: OneMethodTokenServer, n: int = 6, auth: str = SFMC_AUTH) -> Path:
     """Salesforce Marketing Cloud's shape: a JSON token request with account_id,
     the REST base URL from the token response, only a path in the source."""
-    sources = auth_table(tokens, "json", SFMC_AUTH) + profile_source(
-        "/data/v1/profile/{{ id }}", SFMC_SOURCE + source_extra
+    sources = auth_table(tokens, "json", auth) + profile_source(
+        "/data/v1/profile/{{ id }}", SFMC_SOURCE
     )
     return make_campaign(tmp_path, sources, people(n), live=["profile"])
 
@@ -95,7 +95,7 @@ def test_form_methods_render_live_data_through_an_endpoint_that_accepts_only_the
     tokens = server(api, method)
     served = guard(api, tokens)
     # "basic" is the default: the README's examples without client_auth keep working.
-    sources = auth_table(tokens, None if method == "basic" else method, 'token_params = { audience = "crm-api" }\n')
+    sources = auth_table(tokens, None if method == "basic" else method, 'token_params = { audience = "crm-api", v = 2 }\n')
     campaign = make_campaign(tmp_path, sources + profile_source(f"{api.url}/data/v1/profile/{{{{ id }}}}"), people(4),
                              live=["profile"])
 
@@ -106,7 +106,7 @@ def test_form_methods_render_live_data_through_an_endpoint_that_accepts_only_the
     assert sorted(rid for _, rid in served) == ["u1", "u2", "u3", "u4"]
     assert len(tokens.issued) == 1
     params = tokens.params[0]
-    assert params["audience"] == "crm-api"
+    assert (params["audience"], params["v"]) == ("crm-api", "2")
     assert params["scope"] == "profile:read"
     html = (tmp_path / "out" / "messages" / "u2.html").read_text()
     assert '"user": "u2"' in html
@@ -115,10 +115,10 @@ def test_form_methods_render_live_data_through_an_endpoint_that_accepts_only_the
 def test_sfmc_json_token_request_with_account_id_and_rest_instance_url(
     api: Api, rest_api: Api, env: None, tmp_path: Path
 ) -> None:
-    tokens = server(api, "json", required={"account_id": SECRETS["T_MID"]}, expires_in=1200,
+    tokens = server(api, "json", required={"account_id": 514009876}, expires_in=1200,
                     base_url=lambda n: f"{rest_api.url}/")
     served = guard(rest_api, tokens)
-    campaign = sfmc_campaign(tmp_path, tokens)
+    campaign = sfmc_campaign(tmp_path, tokens, auth="token_params = { account_id = 514009876 }\n")
 
     result = render(campaign, tmp_path / "out")
 
@@ -130,7 +130,7 @@ def test_sfmc_json_token_request_with_account_id_and_rest_instance_url(
     assert sorted(r.path for r in rest_api.seen("/data/")) == [f"/data/v1/profile/u{i}" for i in range(1, 7)]
     body = json.loads(api.seen("/oauth/token", "POST")[0].body)
     assert body == {
-        "grant_type": "client_credentials", "scope": "profile:read", "account_id": SECRETS["T_MID"],
+        "grant_type": "client_credentials", "scope": "profile:read", "account_id": 514009876,
         "client_id": SECRETS["T_CLIENT_ID"], "client_secret": SECRETS["T_CLIENT_SECRET"],
     }  # fmt: skip
     assert f'"server": {rest_api.port}' in (tmp_path / "out" / "messages" / "u1.html").read_text()
@@ -332,7 +332,7 @@ client_secret_env = "T_CLIENT_SECRET"
     [
         ('client_auth = "form"', "", "[auth.crm] client_auth must be one of 'basic', 'post', 'json', got 'form'"),
         ('token_params = { client_secret = "x" }', "", "[auth.crm] token_params cannot set 'client_secret'"),
-        ('token_params = { account_id = 7 }', "", "[auth.crm] token_params value of 'account_id' must be a string"),
+        ('token_params = { account_id = 7.5 }', "", "[auth.crm] token_params value of 'account_id' must be a string or an integer, got 7.5"),
         ('token_params_env = { grant_type = "T_MID" }', "", "[auth.crm] token_params_env cannot set 'grant_type'"),
         ('token_params = { account_id = "1" }\ntoken_params_env = { account_id = "T_MID" }', "",
          "[auth.crm] token_params_env sets 'account_id', which token_params sets too"),
