@@ -128,8 +128,8 @@ class TokenProvider:
             others = " or ".join(f'"{m}"' for m in _METHODS if m != auth.client_auth)
             raise AuthFailed(
                 f"{where}: the token endpoint answered {response.status}{_error_code(response.body)} "
-                f'to client_auth = "{auth.client_auth}" ({_METHODS[auth.client_auth]}); check the client id, '
-                "secret, scope and token parameters in the environment, or whether the endpoint wants "
+                f'to client_auth = "{auth.client_auth}" ({_METHODS[auth.client_auth]}); check the client id and '
+                "secret in the environment, the scope and the token parameters, or whether the endpoint wants "
                 f"client_auth = {others}"
             )
         try:
