@@ -115,7 +115,12 @@ class TokenProvider:
         form, body, headers = self._request()
         try:
             response = await self.client.post(
-                auth.token_url, form=form, json_body=body, headers=headers, timeout=TOKEN_TIMEOUT, max_bytes=TOKEN_MAX_BYTES
+                auth.token_url,
+                form=form,
+                json_body=body,
+                headers=headers,
+                timeout=TOKEN_TIMEOUT,
+                max_bytes=TOKEN_MAX_BYTES,
             )
         except BodyTooLarge:
             raise AuthFailed(
@@ -141,7 +146,8 @@ class TokenProvider:
         token = answer["access_token"]
         if not _TOKEN.fullmatch(token):
             raise AuthFailed(
-                f"{where}: the token endpoint's access_token holds spaces, control or non-ASCII characters; it cannot go in a header"
+                f"{where}: the token endpoint's access_token holds spaces, control or non-ASCII characters; "
+                "it cannot go in a header"
             )
         lifetime = _lifetime(answer.get("expires_in"), auth.token_lifetime, where)
         bases = {name: _base_url(answer.get(name), name, where) for name in sorted(self.base_fields)}

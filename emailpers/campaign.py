@@ -12,7 +12,6 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -363,16 +362,18 @@ def _load_auth(loader: _Loader, a: _Table) -> Auth:
     _check_url(loader, a.where, "token_url", token_url, allow_http=False)
     client_auth = a.get("client_auth", str, "basic")
     if client_auth not in _CLIENT_AUTH:
-        raise loader.error(where, "client_auth", f"must be one of {', '.join(map(repr, _CLIENT_AUTH))}, got {client_auth!r}")
+        choices = ", ".join(map(repr, _CLIENT_AUTH))
+        raise loader.error(where, "client_auth", f"must be one of {choices}, got {client_auth!r}")
     params = a.get("token_params", dict, {})
     for name, value in params.items():
         if not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise loader.error(where, "token_params", f"value of {name!r} must be a string or an integer, got {_show(value)}")
+            problem = f"value of {name!r} must be a string or an integer, got {_show(value)}"
+            raise loader.error(where, "token_params", problem)
     secret_params = a.env_table("token_params_env")
     for key, names in (("token_params", params), ("token_params_env", secret_params)):
         for name in names:
             if name in _RESERVED_TOKEN_PARAMS:
-                raise loader.error(where, key, f"cannot set {name!r}: emailpers sends it itself (use scope = ... for scope)")
+                raise loader.error(where, key, f"cannot set {name!r}: emailpers sends it itself (use the scope key)")
             if key == "token_params_env" and name in params:
                 raise loader.error(where, key, f"sets {name!r}, which token_params sets too; keep one")
     return Auth(
@@ -405,8 +406,8 @@ def _load_source(loader: _Loader, name: str, value: Any, auths: dict[str, Auth])
     allow_http = s.get("allow_insecure_http", bool, False)
     url = s.get("url", str, required=True)
     base_url_from = s.get("base_url_from", str)
-    check_url = partial(_check_path if base_url_from is not None else _check_url, loader)
-    check_url(where, "url", url, allow_http)
+    check_url = _check_path if base_url_from is not None else _check_url
+    check_url(loader, where, "url", url, allow_http)
 
     auth_value = s.get("auth", (str, dict))
     auth = None
@@ -418,7 +419,7 @@ def _load_source(loader: _Loader, name: str, value: Any, auths: dict[str, Auth])
     elif auth_value is not None:
         auth = _load_auth(loader, _Table(loader, auth_value, f"{where} auth"))
     if base_url_from is not None and (auth is None or auth.kind != "oauth2"):
-        raise loader.error(where, "base_url_from", "needs auth of type oauth2: the base URL comes from its token response")
+        raise loader.error(where, "base_url_from", "needs oauth2 auth: the base URL comes from its token response")
     if base_url_from is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", base_url_from):
         raise loader.error(where, "base_url_from", f"must name a field of the token response, got {base_url_from!r}")
 
@@ -427,7 +428,7 @@ def _load_source(loader: _Loader, name: str, value: Any, auths: dict[str, Auth])
         b = _Table(loader, batch_value, f"{where} batch")
         b.no_unknown({"url", "size", "items", "key", "linger"})
         batch_url = b.get("url", str, required=True)
-        check_url(b.where, "url", batch_url, allow_http)
+        check_url(loader, b.where, "url", batch_url, allow_http)
         batch = Batch(
             url=batch_url,
             size=b.integer("size", 100, minimum=1),

@@ -293,7 +293,8 @@ class Fetcher:
         except jinja2.UndefinedError as exc:
             return self._count(stats, Fetched("error", error=f"url: {exc}"))
         if runtime.source.base_url_from is not None and self.offline:
-            return Fetched("skipped", error=f"offline, and the base URL comes from the token ({runtime.source.base_url_from})")
+            # No token request offline, so no base URL and no cache key.
+            return Fetched("skipped", error=f"offline: base URL comes from a token ({runtime.source.base_url_from})")
         # `url` is only a path for a base_url_from source: each attempt puts the
         # current token's base before it (_send). The key is on the whole URL.
         final_url = await runtime.absolute(url)

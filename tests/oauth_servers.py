@@ -37,8 +37,13 @@ class OneMethodTokenServer(TokenServer):
         prefix: str = "tok",
     ) -> None:
         # Without expires_in in the answer the API still lets a token live for ever.
-        super().__init__(api, client_id=client_id, client_secret=client_secret,
-                         expires_in=math.inf if expires_in is None else expires_in, prefix=prefix)
+        super().__init__(
+            api,
+            client_id=client_id,
+            client_secret=client_secret,
+            expires_in=math.inf if expires_in is None else expires_in,
+            prefix=prefix,
+        )
         self.method = method
         self.required = required or {}  # parameters the request must carry, with their values
         self.send_expires_in = expires_in is not None
@@ -49,8 +54,10 @@ class OneMethodTokenServer(TokenServer):
         if self.fail_with is not None:
             return Response(self.fail_with, {"error": "invalid_client"})
         params = self._params(request)
-        if params is None or params.get("grant_type") != "client_credentials" or any(
-            params.get(k) != v for k, v in self.required.items()
+        if (
+            params is None
+            or params.get("grant_type") != "client_credentials"
+            or any(params.get(k) != v for k, v in self.required.items())
         ):
             return Response(401, {"error": "invalid_client", "error_description": f"echo {request.body[:200]!r}"})
         with self.api.lock:

@@ -51,8 +51,9 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def server(api: Api, method: str, **kwargs: Any) -> OneMethodTokenServer:
-    return OneMethodTokenServer(api, method, client_id=SECRETS["T_CLIENT_ID"], client_secret=SECRETS["T_CLIENT_SECRET"],
-                                **kwargs)
+    return OneMethodTokenServer(
+        api, method, client_id=SECRETS["T_CLIENT_ID"], client_secret=SECRETS["T_CLIENT_SECRET"], **kwargs
+    )
 
 
 def auth_table(tokens: OneMethodTokenServer, client_auth: str | None, extra: str = "") -> str:
@@ -79,9 +80,7 @@ SFMC_SOURCE = 'base_url_from = "rest_instance_url"\n'
 def sfmc_campaign(tmp_path: Path, tokens: OneMethodTokenServer, n: int = 6, auth: str = SFMC_AUTH) -> Path:
     """Salesforce Marketing Cloud's shape: a JSON token request with account_id,
     the REST base URL from the token response, only a path in the source."""
-    sources = auth_table(tokens, "json", auth) + profile_source(
-        "/data/v1/profile/{{ id }}", SFMC_SOURCE
-    )
+    sources = auth_table(tokens, "json", auth) + profile_source("/data/v1/profile/{{ id }}", SFMC_SOURCE)
     return make_campaign(tmp_path, sources, people(n), live=["profile"])
 
 
@@ -95,9 +94,12 @@ def test_form_methods_render_live_data_through_an_endpoint_that_accepts_only_the
     tokens = server(api, method)
     served = guard(api, tokens)
     # "basic" is the default: the README's examples without client_auth keep working.
-    sources = auth_table(tokens, None if method == "basic" else method, 'token_params = { audience = "crm-api", v = 2 }\n')
-    campaign = make_campaign(tmp_path, sources + profile_source(f"{api.url}/data/v1/profile/{{{{ id }}}}"), people(4),
-                             live=["profile"])
+    sources = auth_table(
+        tokens, None if method == "basic" else method, 'token_params = { audience = "crm-api", v = 2 }\n'
+    )
+    campaign = make_campaign(
+        tmp_path, sources + profile_source(f"{api.url}/data/v1/profile/{{{{ id }}}}"), people(4), live=["profile"]
+    )
 
     result = render(campaign, tmp_path / "out")
 
@@ -115,8 +117,9 @@ def test_form_methods_render_live_data_through_an_endpoint_that_accepts_only_the
 def test_sfmc_json_token_request_with_account_id_and_rest_instance_url(
     api: Api, rest_api: Api, env: None, tmp_path: Path
 ) -> None:
-    tokens = server(api, "json", required={"account_id": 514009876}, expires_in=1200,
-                    base_url=lambda n: f"{rest_api.url}/")
+    tokens = server(
+        api, "json", required={"account_id": 514009876}, expires_in=1200, base_url=lambda n: f"{rest_api.url}/"
+    )
     served = guard(rest_api, tokens)
     campaign = sfmc_campaign(tmp_path, tokens, auth="token_params = { account_id = 514009876 }\n")
 
@@ -216,8 +219,9 @@ def test_a_token_without_expires_in_works_and_is_renewed_on_401(api: Api, env: N
 def test_token_lifetime_sets_when_a_token_without_expires_in_is_renewed(api: Api) -> None:
     tokens = OneMethodTokenServer(api, "basic", expires_in=None)
     now = [0.0]
-    auth = Auth("oauth2", "[auth.t]", token_url=tokens.token_url, client_id="cid", client_secret="csecret",
-                token_lifetime=100)
+    auth = Auth(
+        "oauth2", "[auth.t]", token_url=tokens.token_url, client_id="cid", client_secret="csecret", token_lifetime=100
+    )
 
     async def headers_at(times: list[float]) -> list[str]:
         async with HttpClient(4) as client:
@@ -332,26 +336,47 @@ client_secret_env = "T_CLIENT_SECRET"
     [
         ('client_auth = "form"', "", "[auth.crm] client_auth must be one of 'basic', 'post', 'json', got 'form'"),
         ('token_params = { client_secret = "x" }', "", "[auth.crm] token_params cannot set 'client_secret'"),
-        ('token_params = { account_id = 7.5 }', "", "[auth.crm] token_params value of 'account_id' must be a string or an integer, got 7.5"),
+        (
+            "token_params = { account_id = 7.5 }",
+            "",
+            "[auth.crm] token_params value of 'account_id' must be a string or an integer, got 7.5",
+        ),
         ('token_params_env = { grant_type = "T_MID" }', "", "[auth.crm] token_params_env cannot set 'grant_type'"),
-        ('token_params = { account_id = "1" }\ntoken_params_env = { account_id = "T_MID" }', "",
-         "[auth.crm] token_params_env sets 'account_id', which token_params sets too"),
-        ('token_params_env = { account_id = "T_UNSET_MID" }', "",
-         "[auth.crm] token_params_env account_id = 'T_UNSET_MID': environment variable T_UNSET_MID is not set"),
+        (
+            'token_params = { account_id = "1" }\ntoken_params_env = { account_id = "T_MID" }',
+            "",
+            "[auth.crm] token_params_env sets 'account_id', which token_params sets too",
+        ),
+        (
+            'token_params_env = { account_id = "T_UNSET_MID" }',
+            "",
+            "[auth.crm] token_params_env account_id = 'T_UNSET_MID': environment variable T_UNSET_MID is not set",
+        ),
         ("token_lifetime = 0", "", "[auth.crm] token_lifetime must be > 0"),
-        ("", 'url = "https://api.example.com/v1/{{ id }}"\nbase_url_from = "rest_instance_url"',
-         "[sources.profile] url must be a path starting with a single '/' (base_url_from gives the origin)"),
-        ("", 'url = "//evil.example/{{ id }}"\nbase_url_from = "rest_instance_url"',
-         "[sources.profile] url must be a path starting with a single '/'"),
-        ("", 'url = "{{ host }}/v1"\nbase_url_from = "rest_instance_url"',
-         "[sources.profile] url must be a path starting with a single '/'"),
+        (
+            "",
+            'url = "https://api.example.com/v1/{{ id }}"\nbase_url_from = "rest_instance_url"',
+            "[sources.profile] url must be a path starting with a single '/' (base_url_from gives the origin)",
+        ),
+        (
+            "",
+            'url = "//evil.example/{{ id }}"\nbase_url_from = "rest_instance_url"',
+            "[sources.profile] url must be a path starting with a single '/'",
+        ),
+        (
+            "",
+            'url = "{{ host }}/v1"\nbase_url_from = "rest_instance_url"',
+            "[sources.profile] url must be a path starting with a single '/'",
+        ),
         ("", 'url = "/v1/users"', "[sources.profile] url must be an absolute http(s) URL"),
-        ("", 'url = "/v1/{{ id }}"\nbase_url_from = "rest instance"', "[sources.profile] base_url_from must name a field"),
+        (
+            "",
+            'url = "/v1/{{ id }}"\nbase_url_from = "rest instance"',
+            "[sources.profile] base_url_from must name a field",
+        ),
     ],
 )
-def test_oauth_settings_are_checked_at_load(
-    auth: str, source: str, message: str, env: None, tmp_path: Path
-) -> None:
+def test_oauth_settings_are_checked_at_load(auth: str, source: str, message: str, env: None, tmp_path: Path) -> None:
     source = source or 'url = "/v1/{{ id }}"\nbase_url_from = "rest_instance_url"'
     path = write(tmp_path, f'{AUTH}{auth}\n\n[sources.profile]\n{source}\nauth = "crm"\n')
     with pytest.raises(CampaignError) as caught:
@@ -361,14 +386,19 @@ def test_oauth_settings_are_checked_at_load(
 
 
 def test_base_url_from_needs_oauth2(env: None, tmp_path: Path) -> None:
-    path = write(tmp_path, '[sources.profile]\nurl = "/v1/{{ id }}"\nbase_url_from = "rest_instance_url"\n'
-                           'auth = { type = "bearer", token_env = "T_CLIENT_SECRET" }\n')
-    with pytest.raises(CampaignError, match=r"\[sources.profile\] base_url_from needs auth of type oauth2"):
+    path = write(
+        tmp_path,
+        '[sources.profile]\nurl = "/v1/{{ id }}"\nbase_url_from = "rest_instance_url"\n'
+        'auth = { type = "bearer", token_env = "T_CLIENT_SECRET" }\n',
+    )
+    with pytest.raises(CampaignError, match=r"\[sources.profile\] base_url_from needs oauth2 auth"):
         load_campaign(path)
 
 
 def test_secret_token_params_stay_out_of_repr(env: None, tmp_path: Path) -> None:
-    path = write(tmp_path, f'{AUTH}{SFMC_AUTH}\n[sources.profile]\nurl = "/v1/{{{{ id }}}}"\n{SFMC_SOURCE}auth = "crm"\n')
+    path = write(
+        tmp_path, f'{AUTH}{SFMC_AUTH}\n[sources.profile]\nurl = "/v1/{{{{ id }}}}"\n{SFMC_SOURCE}auth = "crm"\n'
+    )
     auth = load_campaign(path).sources["profile"].auth
     assert auth is not None and auth.secret_token_params == (("account_id", SECRETS["T_MID"]),)
     assert SECRETS["T_MID"] not in repr(auth) and SECRETS["T_CLIENT_SECRET"] not in repr(auth)
@@ -380,8 +410,9 @@ def test_secret_token_params_stay_out_of_repr(env: None, tmp_path: Path) -> None
 def test_secrets_and_secret_token_params_appear_in_no_file_and_no_output(
     api: Api, rest_api: Api, env: None, tmp_path: Path
 ) -> None:
-    tokens = server(api, "json", required={"account_id": SECRETS["T_MID"]}, prefix="AT-7c1d-",
-                    base_url=lambda n: rest_api.url)
+    tokens = server(
+        api, "json", required={"account_id": SECRETS["T_MID"]}, prefix="AT-7c1d-", base_url=lambda n: rest_api.url
+    )
     guard(rest_api, tokens)
     campaign = sfmc_campaign(tmp_path, tokens, n=4)
 

@@ -60,11 +60,19 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 AUTHS = {
     "bearer": ('auth = { type = "bearer", token_env = "H_SECRET" }', "[sources.profile] auth token_env"),
-    "header": ('auth = { type = "header", name = "X-Key", value_env = "H_SECRET" }', "[sources.profile] auth value_env"),
-    "basic": ('auth = { type = "basic", username_env = "H_USER", password_env = "H_SECRET" }',
-              "[sources.profile] auth password_env"),
-    "oauth2": ('auth = "shop"\n\n[auth.shop]\ntype = "oauth2"\ntoken_url = "https://auth.example.com/token"\n'
-               'client_id_env = "H_USER"\nclient_secret_env = "H_SECRET"', "[auth.shop] client_secret_env"),
+    "header": (
+        'auth = { type = "header", name = "X-Key", value_env = "H_SECRET" }',
+        "[sources.profile] auth value_env",
+    ),
+    "basic": (
+        'auth = { type = "basic", username_env = "H_USER", password_env = "H_SECRET" }',
+        "[sources.profile] auth password_env",
+    ),
+    "oauth2": (
+        'auth = "shop"\n\n[auth.shop]\ntype = "oauth2"\ntoken_url = "https://auth.example.com/token"\n'
+        'client_id_env = "H_USER"\nclient_secret_env = "H_SECRET"',
+        "[auth.shop] client_secret_env",
+    ),
     "oauth2 token_params_env": (
         'auth = "shop"\n\n[auth.shop]\ntype = "oauth2"\ntoken_url = "https://auth.example.com/token"\n'
         'client_id_env = "H_USER"\nclient_secret_env = "H_USER"\ntoken_params_env = { account_id = "H_SECRET" }',
@@ -74,8 +82,10 @@ AUTHS = {
 
 
 @pytest.mark.parametrize("kind", list(AUTHS))
-@pytest.mark.parametrize("secret", ["s3cr3t-VALUE\n", "s3cr3t-VALUE\r\n", "s3cr3t-VALUE\r",
-                                    "s3cr3t-VALUE\x7f", "s3cr3t\x85-VALUE", "s3cr3t\tVALUE"])
+@pytest.mark.parametrize(
+    "secret",
+    ["s3cr3t-VALUE\n", "s3cr3t-VALUE\r\n", "s3cr3t-VALUE\r", "s3cr3t-VALUE\x7f", "s3cr3t\x85-VALUE", "s3cr3t\tVALUE"],
+)
 def test_a_secret_with_a_control_character_is_refused_at_load(
     kind: str, secret: str, api: Api, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -83,8 +93,9 @@ def test_a_secret_with_a_control_character_is_refused_at_load(
     monkeypatch.setenv("H_USER", "user")
     data_route(api)
     auth, where = AUTHS[kind]
-    campaign = make_campaign(tmp_path, f'[sources.profile]\nurl = "{api.url}/v1/profile/{{{{ id }}}}"\n{auth}\n',
-                             people(2), live=["profile"])
+    campaign = make_campaign(
+        tmp_path, f'[sources.profile]\nurl = "{api.url}/v1/profile/{{{{ id }}}}"\n{auth}\n', people(2), live=["profile"]
+    )
 
     with pytest.raises(CampaignError) as caught:
         load_campaign(campaign)
@@ -161,8 +172,10 @@ def test_a_200_mb_token_response_is_not_read_whole(chunked: bool, api: Api, env:
         result = render(campaign, tmp_path / "out")
 
     assert result.exit_code == 1, result.output
-    assert f"Error: [auth.shop] token_url {tokens.url}: the token endpoint's answer is larger than {TOKEN_MAX_BYTES} " \
-           "bytes" in result.stderr
+    assert (
+        f"Error: [auth.shop] token_url {tokens.url}: the token endpoint's answer is larger than {TOKEN_MAX_BYTES} "
+        "bytes" in result.stderr
+    )
     # What the server got out before we hung up: socket buffers, not 200 MB.
     assert tokens.sent < 16 * 1024 * 1024
     assert api.requests == []
@@ -214,5 +227,5 @@ def test_an_error_answer_from_the_token_endpoint_is_not_echoed(api: Api, env: No
     result = render(campaign, tmp_path / "out")
 
     assert result.exit_code == 1
-    assert "answered 400 (invalid_request) to client_auth = \"basic\"" in result.stderr
+    assert 'answered 400 (invalid_request) to client_auth = "basic"' in result.stderr
     assert "csecret" not in result.stderr and "\x1b" not in result.stderr
