@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 from collections.abc import Iterator
@@ -408,8 +409,9 @@ def test_secret_token_params_stay_out_of_repr(env: None, tmp_path: Path) -> None
 
 
 def test_secrets_and_secret_token_params_appear_in_no_file_and_no_output(
-    api: Api, rest_api: Api, env: None, tmp_path: Path
+    api: Api, rest_api: Api, env: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, aiohttp's and asyncio's included
     tokens = server(
         api, "json", required={"account_id": SECRETS["T_MID"]}, prefix="AT-7c1d-", base_url=lambda n: rest_api.url
     )
@@ -434,3 +436,51 @@ def test_secrets_and_secret_token_params_appear_in_no_file_and_no_output(
     for run in runs:
         for needle in needles:
             assert needle.decode() not in run.output + run.stderr
+    for needle in needles:
+        assert needle.decode() not in caplog.text
+
+
+def test_a_batched_source_takes_its_base_url_from_the_token_too(
+    api: Api, rest_api: Api, env: None, tmp_path: Path
+) -> None:
+    tokens = server(api, "json", base_url=lambda n: rest_api.url)
+
+    @rest_api.route(r"/data/v1/profiles")
+    def _(request: Request, match: re.Match[str]) -> Response:
+        if tokens.check(request) is None:
+            return Response(401, {})
+        return Response(200, {"items": [{"id": i, "user": i} for i in request.query["ids"][0].split(",")]})
+
+    batch = "batch = { url = \"/data/v1/profiles?ids={{ ids|join(',') }}\", size = 10, items = \"items\", key = \"id\" }"
+    campaign = make_campaign(
+        tmp_path,
+        auth_table(tokens, "json") + profile_source("/data/v1/profile/{{ id }}", f"{SFMC_SOURCE}{batch}\n"),
+        people(4),
+        live=["profile"],
+    )
+
+    result = render(campaign, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    assert set(outcomes(tmp_path / "out", "profile").values()) == {"live"}
+    assert len(rest_api.seen("/data/v1/profiles")) == 1
+    assert api.seen("/data/") == []
+
+
+def test_the_readme_marketing_cloud_and_mailchimp_examples_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    sfmc = next(b for b in blocks if "[auth.sfmc]" in b)
+    mailchimp = next(b for b in blocks if "api.mailchimp.com" in b)
+    for name in ("SFMC_CLIENT_ID", "SFMC_CLIENT_SECRET", "MAILCHIMP_USER", "MAILCHIMP_API_KEY"):
+        monkeypatch.setenv(name, "x")
+
+    profile = load_campaign(make_campaign(tmp_path, sfmc, people(1), live=["profile"])).sources["profile"]
+    member = load_campaign(make_campaign(tmp_path, mailchimp, people(1), live=["member"])).sources["member"]
+
+    assert profile.base_url_from == "rest_instance_url" and profile.url.startswith("/data/v1/")
+    assert profile.auth is not None and profile.auth.client_auth == "json"
+    assert dict(profile.auth.token_params) == {"account_id": 514009876}
+    assert member.auth is not None and member.auth.kind == "basic"
