@@ -26,6 +26,7 @@ DEFAULT_BACKOFF_INITIAL = 0.25
 DEFAULT_BACKOFF_MAX = 4.0
 DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_BATCH_LINGER = 0.05
+DEFAULT_TOKEN_LIFETIME = 3600.0  # seconds, for a token response without expires_in
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322: printable ASCII but ':'
@@ -48,6 +49,11 @@ class Auth:
     client_id: str = field(default="", repr=False)
     client_secret: str = field(default="", repr=False)
     scope: str = ""
+    client_auth: str = "basic"  # "basic" | "post" | "json": how the token request carries the client's secret
+    # Extra token request parameters, as (name, value) pairs so the table stays hashable.
+    token_params: tuple[tuple[str, str | int], ...] = ()
+    secret_token_params: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # from token_params_env
+    token_lifetime: float = DEFAULT_TOKEN_LIFETIME
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class Source:
     allow_insecure_http: bool = False
     follow_redirects: bool = False
     batch: Batch | None = None
+    base_url_from: str | None = None  # a token response field naming the base URL; `url` is then a path
 
 
 @dataclass(frozen=True)
@@ -165,14 +172,28 @@ class _Table:
     def env(self, key: str, *, required: bool = True) -> str:
         """The value of the environment variable named by `key` (a `*_env` key)."""
         var = self.get(key, str, required=required)
-        if var is None:
-            return ""
+        return "" if var is None else self._secret(key, var)
+
+    def env_table(self, key: str) -> dict[str, str]:
+        """`{ name = "VAR" }` -> `{ name: value of $VAR }` (token_params_env)."""
+        return {name: self._secret(key, var, f"{name} = {var!r}: ") for name, var in self.strings(key).items()}
+
+    def _secret(self, key: str, var: str, item: str = "") -> str:
         value = os.environ.get(var)
         if value is None and not self.loader.need_secrets:
             return ""
         if value is None:
             raise self.loader.error(
-                self.where, key, f"environment variable {var} is not set; export it before running"
+                self.where, key, f"{item}environment variable {var} is not set; export it before running"
+            )
+        if _CONTROL.search(value) and self.loader.need_secrets:
+            # A secret pasted with its line break would fail every request (or
+            # split a header); the value itself is never shown.
+            raise self.loader.error(
+                self.where,
+                key,
+                f"{item}environment variable {var} contains a control character (a trailing newline or CR?); "
+                "export it again without it",
             )
         return value
 
@@ -199,6 +220,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _HEADER = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
 _KEY = re.compile(r"""^\s*("?)([A-Za-z0-9_.-]+)\1\s*=""")
 
@@ -310,8 +332,14 @@ _AUTH_KEYS = {
     "bearer": {"token_env"},
     "header": {"name", "value_env"},
     "basic": {"username_env", "password_env"},
-    "oauth2": {"token_url", "client_id_env", "client_secret_env", "scope"},
-}
+    "oauth2": {
+        "token_url", "client_id_env", "client_secret_env", "scope", "client_auth", "token_params",
+        "token_params_env", "token_lifetime",
+    },
+}  # fmt: skip
+_CLIENT_AUTH = ("basic", "post", "json")
+# Set by emailpers itself (or by `scope`); a token parameter may not replace them.
+_RESERVED_TOKEN_PARAMS = frozenset({"grant_type", "client_id", "client_secret", "scope"})
 
 
 def _load_auths(loader: _Loader, tables: dict[str, Any]) -> dict[str, Auth]:
@@ -332,6 +360,22 @@ def _load_auth(loader: _Loader, a: _Table) -> Auth:
         return Auth(kind, where, username=a.env("username_env"), secret=a.env("password_env"))
     token_url = a.get("token_url", str, required=True)
     _check_url(loader, a.where, "token_url", token_url, allow_http=False)
+    client_auth = a.get("client_auth", str, "basic")
+    if client_auth not in _CLIENT_AUTH:
+        choices = ", ".join(map(repr, _CLIENT_AUTH))
+        raise loader.error(where, "client_auth", f"must be one of {choices}, got {client_auth!r}")
+    params = a.get("token_params", dict, {})
+    for name, value in params.items():
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            problem = f"value of {name!r} must be a string or an integer, got {_show(value)}"
+            raise loader.error(where, "token_params", problem)
+    secret_params = a.env_table("token_params_env")
+    for key, names in (("token_params", params), ("token_params_env", secret_params)):
+        for name in names:
+            if name in _RESERVED_TOKEN_PARAMS:
+                raise loader.error(where, key, f"cannot set {name!r}: emailpers sends it itself (use the scope key)")
+            if key == "token_params_env" and name in params:
+                raise loader.error(where, key, f"sets {name!r}, which token_params sets too; keep one")
     return Auth(
         kind,
         where,
@@ -339,13 +383,17 @@ def _load_auth(loader: _Loader, a: _Table) -> Auth:
         client_id=a.env("client_id_env"),
         client_secret=a.env("client_secret_env"),
         scope=a.get("scope", str, ""),
+        client_auth=client_auth,
+        token_params=tuple(sorted(params.items())),
+        secret_token_params=tuple(sorted(secret_params.items())),
+        token_lifetime=a.number("token_lifetime", DEFAULT_TOKEN_LIFETIME, above=True),
     )
 
 
 _SOURCE_KEYS = {
     "url", "headers", "auth", "timeout", "retries", "cache_ttl", "required", "deadline",
     "backoff_initial", "backoff_max", "rate_limit", "concurrency", "stale_if_error",
-    "max_bytes", "allow_insecure_http", "follow_redirects", "batch",
+    "max_bytes", "allow_insecure_http", "follow_redirects", "batch", "base_url_from",
 }  # fmt: skip
 
 
@@ -357,7 +405,9 @@ def _load_source(loader: _Loader, name: str, value: Any, auths: dict[str, Auth])
     s.no_unknown(_SOURCE_KEYS)
     allow_http = s.get("allow_insecure_http", bool, False)
     url = s.get("url", str, required=True)
-    _check_url(loader, where, "url", url, allow_http)
+    base_url_from = s.get("base_url_from", str)
+    check_url = _check_path if base_url_from is not None else _check_url
+    check_url(loader, where, "url", url, allow_http)
 
     auth_value = s.get("auth", (str, dict))
     auth = None
@@ -368,13 +418,17 @@ def _load_source(loader: _Loader, name: str, value: Any, auths: dict[str, Auth])
         auth = auths[auth_value]
     elif auth_value is not None:
         auth = _load_auth(loader, _Table(loader, auth_value, f"{where} auth"))
+    if base_url_from is not None and (auth is None or auth.kind != "oauth2"):
+        raise loader.error(where, "base_url_from", "needs oauth2 auth: the base URL comes from its token response")
+    if base_url_from is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", base_url_from):
+        raise loader.error(where, "base_url_from", f"must name a field of the token response, got {base_url_from!r}")
 
     batch = None
     if (batch_value := s.get("batch", dict)) is not None:
         b = _Table(loader, batch_value, f"{where} batch")
         b.no_unknown({"url", "size", "items", "key", "linger"})
         batch_url = b.get("url", str, required=True)
-        _check_url(loader, b.where, "url", batch_url, allow_http)
+        check_url(loader, b.where, "url", batch_url, allow_http)
         batch = Batch(
             url=batch_url,
             size=b.integer("size", 100, minimum=1),
@@ -407,7 +461,18 @@ def _load_source(loader: _Loader, name: str, value: Any, auths: dict[str, Auth])
         allow_insecure_http=allow_http,
         follow_redirects=s.get("follow_redirects", bool, False),
         batch=batch,
+        base_url_from=base_url_from,
     )
+
+
+def _check_path(loader: _Loader, where: str, key: str, url: str, allow_http: bool) -> None:
+    """With base_url_from, `url` is only a path (and query) after the base URL
+    of the token response: the origin comes from the token endpoint the
+    campaign names, never from the campaign's templates or recipient data."""
+    if not url.startswith("/") or url.startswith("//"):
+        raise loader.error(
+            where, key, f"must be a path starting with a single '/' (base_url_from gives the origin), got {url!r}"
+        )
 
 
 def _check_url(loader: _Loader, where: str, key: str, url: str, allow_http: bool) -> None:

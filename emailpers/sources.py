@@ -10,7 +10,6 @@ should stop the run (the OAuth token endpoint refusing us).
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
 import json
 import random
@@ -29,11 +28,11 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from emailpers.auth import TokenProvider, static_auth_headers
 from emailpers.batching import Batcher
 from emailpers.cache import ResponseCache, cache_key
 from emailpers.campaign import Auth, Campaign, Source
 from emailpers.errors import (
-    AuthFailed,
     BadResponse,
     FetchTimeout,
     SourceError,
@@ -144,78 +143,6 @@ class UrlTemplate:
         return "".join(out)
 
 
-# -- auth ------------------------------------------------------------------------
-
-
-class TokenProvider:
-    """OAuth 2.0 client credentials: one token shared by every request of the
-    run, renewed shortly before it expires or when a request gets a 401."""
-
-    RENEW_MARGIN = 30.0  # seconds before expiry
-
-    def __init__(self, auth: Auth, client: HttpClient, clock: Callable[[], float]) -> None:
-        self.auth = auth
-        self.client = client
-        self.clock = clock
-        self.token = ""
-        self.expires_at = 0.0
-        self.renewals = 0
-        self._lifetime = 3600.0  # of the current token, as the endpoint said
-        self._lock = asyncio.Lock()
-
-    async def header(self, *, renew_from: str | None = None) -> str:
-        """`renew_from`: the token a 401 rejected; renew unless someone already did."""
-        async with self._lock:
-            stale = self.clock() >= self.expires_at - min(self.RENEW_MARGIN, self._lifetime / 10)
-            if not self.token or stale or self.token == renew_from:
-                await self._renew()
-            return f"Bearer {self.token}"
-
-    async def _renew(self) -> None:
-        data = {"grant_type": "client_credentials"}
-        if self.auth.scope:
-            data["scope"] = self.auth.scope
-        where = f"{self.auth.where} token_url {self.auth.token_url}"
-        try:
-            response = await self.client.post_form(
-                self.auth.token_url,
-                data,
-                headers={"Authorization": basic_authorization(self.auth.client_id, self.auth.client_secret)},
-                timeout=10.0,
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AuthFailed(f"{where}: cannot reach the token endpoint: {type(exc).__name__}: {exc}") from None
-        if response.status != 200:
-            raise AuthFailed(
-                f"{where}: the token endpoint answered {response.status}; "
-                "check the client id, secret and scope in the environment"
-            )
-        try:
-            body = json.loads(response.body)
-            token = body["access_token"]
-            lifetime = float(body.get("expires_in", 3600))
-        except (ValueError, KeyError, TypeError):
-            raise AuthFailed(f"{where}: the token endpoint's answer has no access_token") from None
-        if self.token:
-            self.renewals += 1
-        self.token, self._lifetime = str(token), lifetime
-        self.expires_at = self.clock() + lifetime
-
-
-def basic_authorization(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def static_auth_headers(auth: Auth | None) -> dict[str, str]:
-    if auth is None or auth.kind == "oauth2":
-        return {}
-    if auth.kind == "bearer":
-        return {"Authorization": f"Bearer {auth.secret}"}
-    if auth.kind == "basic":
-        return {"Authorization": basic_authorization(auth.username, auth.secret)}
-    return {auth.header_name: auth.secret}
-
-
 # -- limits ----------------------------------------------------------------------
 
 
@@ -287,6 +214,8 @@ class _SourceRuntime:
         self.batch_url = env.from_string(source.batch.url) if source.batch else None
         self.headers = {**source.headers, **static_auth_headers(source.auth)}
         self.token = fetcher.token_provider(source.auth) if source.auth and source.auth.kind == "oauth2" else None
+        if self.token is not None and source.base_url_from is not None:
+            self.token.base_fields.add(source.base_url_from)
         limit = source.concurrency or fetcher.concurrency
         self.slots = asyncio.Semaphore(limit)
         self.rate = RateLimiter(source.rate_limit, fetcher.clock, fetcher.sleep) if source.rate_limit else None
@@ -294,6 +223,14 @@ class _SourceRuntime:
         self.batcher: Batcher[str, Fetched] | None = None
         if source.batch is not None:
             self.batcher = Batcher(source.batch.size, source.batch.linger, partial(fetcher._send_batch, self))
+
+    async def absolute(self, url: str) -> str:
+        """The request URL: with base_url_from, the current token's base URL
+        (checked when the token arrived) followed by the rendered path."""
+        if self.source.base_url_from is None:
+            return url
+        assert self.token is not None  # the campaign loader requires oauth2 auth
+        return await self.token.base_url(self.source.base_url_from) + url
 
 
 class Fetcher:
@@ -355,7 +292,13 @@ class Fetcher:
             url = runtime.url.render(fields)
         except jinja2.UndefinedError as exc:
             return self._count(stats, Fetched("error", error=f"url: {exc}"))
-        key = cache_key("GET", url)
+        if runtime.source.base_url_from is not None and self.offline:
+            # No token request offline, so no base URL and no cache key.
+            return Fetched("skipped", error=f"offline: base URL comes from a token ({runtime.source.base_url_from})")
+        # `url` is only a path for a base_url_from source: each attempt puts the
+        # current token's base before it (_send). The key is on the whole URL.
+        final_url = await runtime.absolute(url)
+        key = cache_key("GET", final_url)
         cached = self.cache.get(key) if self.cache is not None and runtime.source.cache_ttl > 0 else None
         if cached is not None and cached.is_fresh(self.wall_clock()):
             stats.cache_hits += 1
@@ -384,7 +327,7 @@ class Fetcher:
                 stats.stale += 1
                 result = replace(result, outcome="stale", data=cached.data)
             elif result.outcome == "live" and not result.shared:
-                self._store(runtime, key, url, result)
+                self._store(runtime, key, final_url, result)
                 self._remember(key, result)
             future.set_result(result)
             return self._count(stats, result)
@@ -537,6 +480,9 @@ class Fetcher:
         runtime.stats.requests += 1
         if runtime.token is not None:
             headers["Authorization"] = await runtime.token.header(renew_from=renew_from)
+            # The base of the token just used: a renewed token's base from then on,
+            # even for a request that was queued (or refused) before the renewal.
+            url = await runtime.absolute(url)
         try:
             async with asyncio.timeout(source.timeout):
                 return await self._get(url, headers, source)
