@@ -81,7 +81,7 @@ def preflight(config: RecipientsConfig) -> Preflight:
         if config.format == "jsonl":
             has_id = has_id or config.id_field in fields
             has_email = has_email or config.email_field in fields
-            if len(keys) < MAX_COLUMNS:
+            if len(keys) < MAX_COLUMNS and fields.keys() - keys.keys():
                 keys.update((k, None) for k in fields if len(keys) < MAX_COLUMNS)
         row = _check(number, fields, config)
         if row.problem is not None or row.email is None:
@@ -350,7 +350,8 @@ def _json_row(text: str) -> dict[str, Any] | str:
         return f"not usable JSON: nested deeper than {MAX_JSON_DEPTH} levels"
     if not isinstance(fields, dict):
         return f"must be a JSON object, got {type(fields).__name__}"
-    if _deeper_than(fields, MAX_JSON_DEPTH):
+    # Counting brackets is cheap and bounds the depth from above: most rows need no walk.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(fields, MAX_JSON_DEPTH):
         return f"not usable JSON: nested deeper than {MAX_JSON_DEPTH} levels"
     return fields
 
