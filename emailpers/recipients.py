@@ -103,9 +103,10 @@ def preflight(config: RecipientsConfig) -> Preflight:
     warnings = []
     if shared:
         more = f", and {shared - len(examples)} more" if shared > len(examples) else ""
+        rows_reuse = "1 row reuses" if shared == 1 else f"{shared} rows reuse"
         warnings.append(
-            f"{shared} recipient(s) have an address an earlier row already uses under another id "
-            f"(compared case-insensitively); that address gets one email per id: {', '.join(examples)}{more}"
+            f"{rows_reuse} the address of an earlier row under another id (compared case-insensitively), "
+            f"so that address gets one email per id: {', '.join(examples)}{more}"
         )
     return Preflight(columns=columns, rows=rows, warnings=tuple(warnings))
 

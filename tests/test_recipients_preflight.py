@@ -367,8 +367,8 @@ def test_the_same_address_under_several_ids_is_a_warning(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     name = campaign.parent / "recipients.csv"
     warning = (
-        "2 recipient(s) have an address an earlier row already uses under another id (compared "
-        f"case-insensitively); that address gets one email per id: {name}:3 ANN@Example.com (id 'r2'), "
+        "2 rows reuse the address of an earlier row under another id (compared case-insensitively), "
+        f"so that address gets one email per id: {name}:3 ANN@Example.com (id 'r2'), "
         f"{name}:6 bo@example.com (id 'r4')"
     )
     assert report(out)["warnings"] == [warning]
@@ -381,7 +381,7 @@ def test_the_warning_keeps_a_few_examples(tmp_path: Path) -> None:
     text = "id,email\n" + "".join(f"r{i},same@example.com\n" for i in range(200))
     campaign = campaign_with(tmp_path, None, text)
     (warning,) = preflight(load_campaign(campaign).recipients).warnings
-    assert warning.startswith("199 recipient(s) have an address")
+    assert warning.startswith("199 rows reuse the address of an earlier row")
     assert warning.count("same@example.com") == 5 and warning.endswith(", and 194 more")
 
 
