@@ -142,6 +142,8 @@ def recipients_argument(value: Path | None, stdin: IO[bytes]) -> Iterator[tuple[
     if value is None or str(value) != "-":
         yield value, None
         return
+    if stdin.isatty():  # nothing is piped in: copying would wait for the keyboard
+        raise RecipientListError(f"{STDIN_LABEL}: is a terminal; pipe the list in (cat list.csv | emailpers ... --recipients -)")
     with tempfile.TemporaryDirectory(prefix="emailpers-stdin-") as folder:  # mode 0700: it holds personal data
         path = Path(folder) / "stdin"
         with path.open("wb") as f:
@@ -285,8 +287,11 @@ class _Reader:
             where = "in this row" if line == start else f"on line {line}, inside a value that starts on line {start}"
             return self.error(start, f"text follows a closing quote {where}: a stray quote; {remedy}")
         if "field larger than field limit" in message:
+            limit = csv.field_size_limit()
+            if line == start:
+                return self.error(start, f"a value longer than {limit} characters; is this a recipient list?")
             return self.error(
-                start, f"a value grows past {csv.field_size_limit()} characters (up to line {line}): "
+                start, f"a value grows past {limit} characters (up to line {line}): "
                 f"a quote opened in this row is probably never closed; {remedy}",
             )
         if "new-line character seen in unquoted field" in message:

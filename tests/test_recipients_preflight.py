@@ -10,6 +10,8 @@ cp1252, gzip, stdin) work.
 from __future__ import annotations
 
 import gzip
+import os
+import pty
 import tempfile
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from conftest import (
 from emailpers.campaign import load_campaign
 from emailpers.cli import cli
 from emailpers.errors import RecipientListError
-from emailpers.recipients import MAX_COLUMNS, Preflight, columns, preflight
+from emailpers.recipients import MAX_COLUMNS, Preflight, columns, preflight, recipients_argument
 
 HEADER = "id,email,first_name,city"
 
@@ -423,3 +425,24 @@ def test_a_jsonl_list_where_no_line_has_the_id_key_stops_with_a_guess(tmp_path: 
         f"Error: {campaign.parent / 'recipients.jsonl'}: no line has the 'id' key (keys seen: 'ID', 'email'); "
         "key 'ID' differs from 'id' only in case or spaces: rename it, or set id_field = \"ID\" in [recipients]\n"
     )
+
+
+def test_stdin_that_is_a_terminal_is_refused_instead_of_waiting(tmp_path: Path) -> None:
+    controller, terminal = pty.openpty()  # a real terminal: nothing piped in
+    os.write(controller, b"\x04")  # Ctrl-D: should the check go, the copy reads end-of-file instead of waiting
+    try:
+        with os.fdopen(terminal, "rb", closefd=False) as stdin, pytest.raises(RecipientListError) as caught:
+            with recipients_argument(Path("-"), stdin):
+                pass
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert str(caught.value) == "<stdin>: is a terminal; pipe the list in (cat list.csv | emailpers ... --recipients -)"
+
+
+def test_a_single_line_value_past_the_csv_field_limit_is_not_called_a_quote(tmp_path: Path) -> None:
+    campaign = campaign_with(tmp_path, None, rows_text(3, {4: "1,user1@example.com,Name1," + "x" * 200_000}))
+    with pytest.raises(RecipientListError) as caught:
+        preflight(load_campaign(campaign).recipients)
+    name = campaign.parent / "recipients.csv"
+    assert str(caught.value) == f"{name}:4: a value longer than 131072 characters; is this a recipient list?"
