@@ -129,7 +129,7 @@ def render(
     """
     if no_cache and offline:
         raise click.UsageError("--offline reads the cache; it cannot be combined with --no-cache")
-    with _errors(), recipients_argument(recipients, sys.stdin.buffer) as (path, label):
+    with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
         campaign = load_campaign(campaign_file, path, recipients_label=label)
         options = RunOptions(
             out=out,
@@ -171,7 +171,7 @@ def cache_warm(
     render itself reads the cache. Exit 3 when some recipient's data could
     not be fetched.
     """
-    with _errors(), recipients_argument(recipients, sys.stdin.buffer) as (path, label):
+    with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
         campaign = load_campaign(campaign_file, path, recipients_label=label)
         options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate)
         with _progress(campaign, progress, "Warming") as update:

@@ -134,7 +134,7 @@ def count_rows(path: Path) -> int:
 
 
 @contextmanager
-def recipients_argument(value: Path | None, stdin: IO[bytes]) -> Iterator[tuple[Path | None, str | None]]:
+def recipients_argument(value: Path | None, stdin: IO[bytes] | None) -> Iterator[tuple[Path | None, str | None]]:
     """--recipients as `load_campaign` takes it: (path, label for errors).
     `-` is stdin, copied to a private temporary file so that both passes can
     read it (named .jsonl when it starts with `{`, else .csv; .gz when
@@ -142,6 +142,8 @@ def recipients_argument(value: Path | None, stdin: IO[bytes]) -> Iterator[tuple[
     if value is None or str(value) != "-":
         yield value, None
         return
+    if stdin is None:  # a process started with standard input closed
+        raise RecipientListError(f"{STDIN_LABEL}: this process has no standard input to read the list from")
     if stdin.isatty():  # nothing is piped in: copying would wait for the keyboard
         raise RecipientListError(f"{STDIN_LABEL}: is a terminal; pipe the list in (cat list.csv | emailpers ... --recipients -)")
     with tempfile.TemporaryDirectory(prefix="emailpers-stdin-") as folder:  # mode 0700: it holds personal data
