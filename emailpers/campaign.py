@@ -7,6 +7,7 @@ Errors name the file, the line when it can be found, the table and the key.
 
 from __future__ import annotations
 
+import codecs
 import email.utils
 import os
 import re
@@ -88,11 +89,36 @@ class Source:
     base_url_from: str | None = None  # a token response field naming the base URL; `url` is then a path
 
 
+RECIPIENT_FORMATS = {".csv": ("csv", ","), ".tsv": ("csv", "\t"), ".jsonl": ("jsonl", "")}
+DEFAULT_RECIPIENTS_ENCODING = "utf-8"
+
+
 @dataclass(frozen=True)
 class RecipientsConfig:
     path: Path
     id_field: str = "id"
     email_field: str = "email"
+    format: str = "csv"  # "csv" (.csv, .tsv) or "jsonl", from the file name; ".gz" after it: gzip
+    delimiter: str = ","  # CSV only: [recipients] delimiter, else "," (.csv) or tab (.tsv)
+    encoding: str = DEFAULT_RECIPIENTS_ENCODING
+    gzip: bool = False
+    label: str = ""  # what errors call the file ("<stdin>" for `--recipients -`); default: the path
+
+    @property
+    def name(self) -> str:
+        return self.label or str(self.path)
+
+
+def recipient_format(name: str) -> tuple[str, str, bool] | None:
+    """(format, default delimiter, gzip) of a recipient file name, any case;
+    None for a name emailpers cannot read."""
+    lower = name.lower()
+    gz = lower.endswith(".gz")
+    stem = lower[:-3] if gz else lower
+    for suffix, (kind, delimiter) in RECIPIENT_FORMATS.items():
+        if stem.endswith(suffix):
+            return kind, delimiter, gz
+    return None
 
 
 @dataclass(frozen=True)
@@ -255,8 +281,15 @@ class _Loader:
         return path
 
 
-def load_campaign(path: str | Path, recipients: str | Path | None = None, *, need_secrets: bool = True) -> Campaign:
-    """Read and validate a campaign file. `recipients` overrides [recipients] path.
+def load_campaign(
+    path: str | Path,
+    recipients: str | Path | None = None,
+    *,
+    need_secrets: bool = True,
+    recipients_label: str | None = None,
+) -> Campaign:
+    """Read and validate a campaign file. `recipients` overrides [recipients] path
+    (`recipients_label` is what errors then call it, "<stdin>" for a spooled copy).
     `need_secrets=False` (cache stats, clear) tolerates unset `*_env` variables."""
     path = Path(path).resolve()
     try:
@@ -281,19 +314,7 @@ def load_campaign(path: str | Path, recipients: str | Path | None = None, *, nee
         if p is not None and not p.is_relative_to(root):
             raise loader.error("[campaign]", key, f"must be inside the campaign folder {root}")
 
-    r = _Table(loader, top.get("recipients", dict, {}), "[recipients]")
-    r.no_unknown({"path", "id_field", "email_field"})
-    if recipients is not None:
-        recipients_path = Path(recipients).resolve()
-        if not recipients_path.is_file():
-            raise CampaignError(f"{recipients_path}: recipient file not found (given by --recipients)")
-    else:
-        found = loader.file(r, "path", required=True)
-        assert found is not None
-        recipients_path = found
-    if recipients_path.suffix not in (".csv", ".jsonl"):
-        raise loader.error("[recipients]", "path", f"must be a .csv or .jsonl file, got {recipients_path.name}")
-
+    recipients_config = _load_recipients(loader, top.get("recipients", dict, {}), recipients, recipients_label)
     from_ = c.get("from", str, required=True)
     if "@" not in email.utils.parseaddr(from_)[1]:
         raise loader.error("[campaign]", "from", f"has no email address: {from_!r}; write it as 'Name <user@domain>'")
@@ -319,12 +340,73 @@ def load_campaign(path: str | Path, recipients: str | Path | None = None, *, nee
         preheader=c.get("preheader", str),
         from_=from_,
         headers=headers,
-        recipients=RecipientsConfig(
-            path=recipients_path,
-            id_field=r.get("id_field", str, "id"),
-            email_field=r.get("email_field", str, "email"),
-        ),
+        recipients=recipients_config,
         sources=sources,
+    )
+
+
+def _ascii_compatible(codec: codecs.CodecInfo) -> bool:
+    sample = 'id,email;"\t\r\n'
+    try:
+        encoded = codec.encode(sample)[0]
+    except (TypeError, ValueError):  # a bytes-to-bytes codec such as base64
+        return False
+    return isinstance(encoded, bytes) and encoded.removeprefix(codecs.BOM_UTF8) == sample.encode("ascii")
+
+
+_SUFFIXES = ".csv, .tsv or .jsonl (any case), optionally gzipped (.csv.gz)"
+
+
+def _load_recipients(
+    loader: _Loader, value: Any, override: str | Path | None, label: str | None
+) -> RecipientsConfig:
+    r = _Table(loader, value, "[recipients]")
+    r.no_unknown({"path", "id_field", "email_field", "delimiter", "encoding"})
+    if override is not None:
+        path = Path(override).resolve()
+        name = label or str(path)
+        if not path.is_file():
+            raise CampaignError(f"{name}: recipient file not found (given by --recipients)")
+        kind = recipient_format(path.name)
+        if kind is None:
+            raise CampaignError(f"{name}: a recipient file must be {_SUFFIXES} (given by --recipients)")
+    else:
+        found = loader.file(r, "path", required=True)
+        assert found is not None
+        path, name = found, str(found)
+        kind = recipient_format(path.name)
+        if kind is None:
+            raise loader.error("[recipients]", "path", f"must be {_SUFFIXES}, got {path.name}")
+    file_format, delimiter, gz = kind
+    chosen = r.get("delimiter", str)
+    if chosen is not None:
+        # The csv module takes one character; a quote or line break would make every row ambiguous.
+        if len(chosen) != 1 or chosen in "\"\r\n" or chosen.isalnum():
+            raise loader.error(
+                "[recipients]", "delimiter", f'must be one character such as ";" or "\\t" (tab), got {chosen!r}'
+            )
+        delimiter = chosen
+    encoding = r.get("encoding", str, DEFAULT_RECIPIENTS_ENCODING)
+    try:
+        codec = codecs.lookup(encoding)
+    except LookupError:
+        raise loader.error(
+            "[recipients]", "encoding", f'{encoding!r} is not an encoding Python knows; try "utf-8", "cp1252" or "latin-1"'
+        ) from None
+    if not _ascii_compatible(codec):
+        # Lines are split on the byte b"\n" before decoding: UTF-16 and the like would split mid-character.
+        raise loader.error(
+            "[recipients]", "encoding", f"{encoding!r} is not supported (not ASCII-compatible); save the file as UTF-8"
+        )
+    return RecipientsConfig(
+        path=path,
+        id_field=r.get("id_field", str, "id"),
+        email_field=r.get("email_field", str, "email"),
+        format=file_format,
+        delimiter=delimiter,
+        encoding=codec.name,
+        gzip=gz,
+        label=name if name != str(path) else "",
     )
 
 

@@ -23,7 +23,7 @@ from emailpers.pipeline import (
     render_campaign,
     warm_cache,
 )
-from emailpers.recipients import count_rows
+from emailpers.recipients import count_rows, recipients_argument
 from emailpers.report import summary
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_RECIPIENTS = 0, 1, 2, 3
@@ -83,7 +83,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
             click.option("--recipients", type=click.Path(dir_okay=False, path_type=Path),
-                         help="Recipient file (.csv or .jsonl); overrides [recipients] path."),
+                         help="Recipient file (.csv, .tsv, .jsonl, optionally .gz; - reads stdin); overrides [recipients] path."),
             click.option("--concurrency", type=click.IntRange(1, 4096), default=DEFAULT_CONCURRENCY, show_default=True,
                          help="Requests in flight at once, over all sources."),
             _cache_dir_option,
@@ -129,8 +129,8 @@ def render(
     """
     if no_cache and offline:
         raise click.UsageError("--offline reads the cache; it cannot be combined with --no-cache")
-    with _errors():
-        campaign = load_campaign(campaign_file, recipients)
+    with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
+        campaign = load_campaign(campaign_file, path, recipients_label=label)
         options = RunOptions(
             out=out,
             formats=formats,
@@ -171,8 +171,8 @@ def cache_warm(
     render itself reads the cache. Exit 3 when some recipient's data could
     not be fetched.
     """
-    with _errors():
-        campaign = load_campaign(campaign_file, recipients)
+    with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
+        campaign = load_campaign(campaign_file, path, recipients_label=label)
         options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate)
         with _progress(campaign, progress, "Warming") as update:
             report = warm_cache(campaign, options, update)

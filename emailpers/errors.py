@@ -2,6 +2,7 @@
 
     EmailpersError                 anything the CLI turns into "Error: ..." and an exit code
     ├── CampaignError              the run cannot start: campaign file, templates, env vars (exit 1)
+    │   └── RecipientListError     the recipient list as a whole is unusable (found before any request)
     ├── OutputError                the output folder cannot be used (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
@@ -29,6 +30,11 @@ class EmailpersError(Exception):
 
 class CampaignError(EmailpersError):
     """The campaign (TOML, templates, environment) is unusable; nothing was run."""
+
+
+class RecipientListError(CampaignError):
+    """The recipient file cannot be trusted as a whole (not text, no id or email
+    column, a stray quote merging rows); nothing was fetched or written."""
 
 
 class OutputError(EmailpersError):

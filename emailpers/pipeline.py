@@ -26,7 +26,7 @@ from emailpers.campaign import Campaign
 from emailpers.errors import RenderProcessDied, UnhealthySource
 from emailpers.http import HttpClient
 from emailpers.output import REPORT, Done, Manifest, write_atomic
-from emailpers.recipients import Row, read_recipients
+from emailpers.recipients import Preflight, Row, preflight, read_recipients
 from emailpers.report import build_report
 from emailpers.sources import Fetched, Fetcher, SourceStats
 from emailpers.worker import Job, RenderJob, Served, init_worker, serve_chunk
@@ -112,9 +112,13 @@ class Run:
         self.guard = _HealthGuard(options.max_error_rate)
         self.fetcher_stats: dict[str, SourceStats] = {}
         self.report: dict[str, Any] = {}
+        self.preflight = Preflight(columns=(), rows=0)
 
     def execute(self) -> dict[str, Any]:
         out = self.options.out
+        # The whole list is read first: a list that cannot be trusted stops the run
+        # before anything is fetched or written (not even the output folder).
+        self.preflight = preflight(self.campaign.recipients)
         self.manifest = Manifest(out, fresh=self.options.fresh) if out is not None else None
         cache = None
         if self.options.use_cache or self.options.offline:
@@ -141,6 +145,7 @@ class Run:
                 sources=self.fetcher_stats,
                 elapsed=time.monotonic() - started,
                 stopped=stopped,
+                warnings=self.preflight.warnings,
             )
             self.report = report
             if out is not None:

@@ -52,6 +52,7 @@ def build_report(
     sources: dict[str, SourceStats],
     elapsed: float,
     stopped: str | None = None,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
     done = sum(counts.values())
     statuses = [*STATUSES, *(s for s in {**previous, **counts} if s not in STATUSES)]
@@ -65,6 +66,7 @@ def build_report(
         "elapsed_s": round(elapsed, 3),
         "recipients_per_s": round(done / elapsed, 1) if elapsed > 0 else None,
         "stopped": stopped,
+        "warnings": list(warnings),
     }
 
 
@@ -96,6 +98,7 @@ def summary(report: dict[str, Any]) -> str:
         )
         for error, count in s["top_errors"].items():
             lines.append(f"      {count} x {error}")
+    lines.extend(f"  WARNING: {warning}" for warning in report.get("warnings", []))
     if report["stopped"]:
         lines.append(f"  STOPPED EARLY: {report['stopped']}")
     return "\n".join(lines)

@@ -193,7 +193,11 @@ def test_missing_campaign_or_recipient_file(tmp_path: Path) -> None:
     other.write_text("id,email\n")
     result = render(campaign, tmp_path / "out", "--recipients", other)
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {campaign}:{line_of(campaign, 'path =')}: [recipients] path must be a .csv or .jsonl file, got people.txt\n"
+    # --recipients named the file: the error points at it, not at the campaign's path line.
+    assert result.stderr == (
+        f"Error: {other}: a recipient file must be .csv, .tsv or .jsonl (any case), optionally gzipped (.csv.gz)"
+        " (given by --recipients)\n"
+    )
 
 
 def test_from_needs_an_address(tmp_path: Path) -> None:
