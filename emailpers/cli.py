@@ -100,15 +100,16 @@ class ProgressLine:
 
     def flush(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
-        self.samples.append((now, self.processed))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
-            self.samples.popleft()
+        if self.processed:  # the pace starts with this run's first recipient, not with the bar
+            self.samples.append((now, self.processed))
+            while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
+                self.samples.popleft()
         self.draw(self.pending, self.estimate(now))
         self.pending = 0
         self.last_draw = now
 
     def estimate(self, now: float) -> str:
-        since, then = self.samples[0]
+        since, then = self.samples[0] if self.samples else (now, 0)
         if now - since < 1.0 or self.processed == then:
             return "eta --"  # under a second of pace: no guess beats a wild one
         seconds = round(max(self.total - self.position, 0) * (now - since) / (self.processed - then))

@@ -288,6 +288,8 @@ class Run:
 
     async def _serve(self, row: Row, fetcher: Fetcher) -> None:
         assert row.id is not None and row.email is not None
+        if self.fatal is not None:
+            return
         fetched = await fetcher.fetch_all(row.fields)
         for name, result in fetched.items():
             self.source_recipients[name] = self.source_recipients.get(name, 0) + 1
@@ -306,6 +308,8 @@ class Run:
             return
         job: Job = (row.id, row.email, row.fields, data, failures)
         served = self.job(*job) if self.render_queue is None else await self.render_queue.submit(job)
+        if self.fatal is not None:  # the run is stopping: this recipient's files are swept, it is redone
+            return
         self._count_fallbacks(served, failures, fetcher)
         self._record(row, served.status, fetched=fetched, served=served)
 
@@ -343,10 +347,12 @@ class Run:
         self.progress(1, False)
         limit = self.options.max_failures
         if status == "failed" and limit is not None and self.counts[status] >= limit:
-            raise TooManyFailures(
+            # Set at once, not when this task ends: recipients already under way record nothing more.
+            self.fatal = TooManyFailures(
                 f"{limit} recipients failed in this run (--max-failures {limit}); the last, {row.id!r}: "
                 f"{entry['error']}. Stopped; fix the cause, then run the same command with --redo failed"
             )
+            raise self.fatal
 
 
 def render_campaign(campaign: Campaign, options: RunOptions, progress: Progress | None = None) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def summary(report: dict[str, Any]) -> str:
     if report["command"] == "cache warm":
         lines = [f"Campaign {report['campaign']}: fetched data for {sum(this.values())} recipients {rate}",
                  f"  cached {this['warmed']}  not fetched {this['failed']}  invalid {this['invalid']}"
-                 "   (not fetched: an error or timeout for some source; a render will fetch it again or fall back)"]
+                 "   (not fetched: an error or timeout for some source)"]
     else:
         lines = [f"Campaign {report['campaign']}: {sum(this.values())} recipients this run {rate}"]
         if report["resumed_from_previous_runs"]:
@@ -122,7 +122,7 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(
             f"  WARNING: source {name} gave no data for {d['failed_recipients']} of {d['recipients']} recipients "
             f"({d['failed_recipients'] / d['recipients']:.0%}, more than {DEGRADED_SHARE:.0%}); "
-            + ("a render will fetch them again" if report["command"] == "cache warm" else "those recipients got fallbacks or were skipped")
+            + ("not cached" if report["command"] == "cache warm" else "those recipients got fallbacks or were skipped")
         )
     if report["stopped"]:
         lines.append(f"  STOPPED EARLY: {report['stopped']}")
