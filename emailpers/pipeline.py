@@ -157,6 +157,7 @@ class Run:
         started = time.monotonic()
         error: BaseException | None = None
         cache = pool = None
+        running = False  # past the checks that keep a run from starting: from here on, a report
         try:
             if out is not None and self.job is not None:
                 files = campaign_files(self.campaign, self.job.renderer.template_files)
@@ -165,6 +166,7 @@ class Run:
             if self.options.use_cache or self.options.offline:
                 cache = ResponseCache(cache_directory(self.campaign, self.options))
             pool = self._pool()
+            running = True
             asyncio.run(self._run(cache, pool))
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the report
             error = exc
@@ -180,13 +182,13 @@ class Run:
             if error is not None:
                 self.manifest.sweep()  # files of recipients in flight at the stop, whose lines were never written
         self.report = self._build_report(time.monotonic() - started, error)
-        if out is not None and self.manifest is not None:
+        if out is not None and running:
             try:
                 write_atomic(out / REPORT, (json.dumps(self.report, indent=2) + "\n").encode())
             except OSError as exc:
                 error = error or OutputError(f"{out / REPORT}: cannot write the report: {exc.strerror}")
         if error is not None:
-            if isinstance(error, EmailpersError):
+            if isinstance(error, EmailpersError) and running:
                 error.report = self.report
             raise error
         return self.report
@@ -292,9 +294,6 @@ class Run:
             return
         fetched = await fetcher.fetch_all(row.fields)
         for name, result in fetched.items():
-            self.source_recipients[name] = self.source_recipients.get(name, 0) + 1
-            if not result.ok:
-                self.source_failures[name] = self.source_failures.get(name, 0) + 1
             self.guard.check(name, result)
         data = {name: r.data for name, r in fetched.items() if r.ok}
         failures = {name: (r.error or r.outcome) for name, r in fetched.items() if not r.ok}
@@ -344,6 +343,10 @@ class Run:
         if self.manifest is not None:
             self.manifest.add(entry)
         self.counts[status] = self.counts.get(status, 0) + 1
+        for name, result in (fetched or {}).items():
+            self.source_recipients[name] = self.source_recipients.get(name, 0) + 1
+            if not result.ok:
+                self.source_failures[name] = self.source_failures.get(name, 0) + 1
         self.progress(1, False)
         limit = self.options.max_failures
         if status == "failed" and limit is not None and self.counts[status] >= limit:

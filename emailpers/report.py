@@ -93,7 +93,7 @@ def summary(report: dict[str, Any]) -> str:
     this, total = report["this_run"], report["total"]
     rate = f"in {report['elapsed_s']:.2f}s ({report['recipients_per_s'] or 0:g}/s)"
     if report["command"] == "cache warm":
-        lines = [f"Campaign {report['campaign']}: fetched data for {sum(this.values())} recipients {rate}",
+        lines = [f"Campaign {report['campaign']}: cache warm, data for {sum(this.values())} recipients {rate}",
                  f"  cached {this['warmed']}  not fetched {this['failed']}  invalid {this['invalid']}"
                  "   (not fetched: an error or timeout for some source)"]
     else:

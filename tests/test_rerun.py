@@ -450,7 +450,7 @@ def test_cache_warm_summary_speaks_of_fetched_data(api: ScriptedAPI, tmp_path: P
 
     assert result.exit_code == 3, result.output
     lines = result.stdout.splitlines()
-    assert re.fullmatch(r"Campaign test-campaign: fetched data for 3 recipients in .*", lines[0])
+    assert re.fullmatch(r"Campaign test-campaign: cache warm, data for 3 recipients in .*", lines[0])
     assert lines[1].startswith("  cached 2  not fetched 1  invalid 0")
     assert "render" not in lines[0] + lines[1] and "fallbacks" not in result.stdout
 
