@@ -175,7 +175,8 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--workers", type=click.IntRange(0, 64),
               help="Render processes [default: one per core; 0 renders in the main process].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
-@click.option("--offline", is_flag=True, help="Use only the cache; no network. Recipients without cached data fall back.")
+@click.option("--offline", is_flag=True,
+              help="Use only the cache; no network, no API secrets needed. Recipients without cached data fall back.")
 @click.option("--fresh", is_flag=True,
               help="Start over: delete what emailpers wrote in --out (manifest, report, messages) instead of resuming.")
 @click.option("--redo", callback=_statuses, metavar="STATUS[,STATUS]",

@@ -36,6 +36,7 @@ from emailpers.output import MANIFEST, MESSAGES, REPORT, is_message_file, write_
 RUN = "run.json"
 LOCK = ".emailpers.lock"
 _RUN_VERSION = 1
+_REDO_TMP = f".{MANIFEST}.redo.tmp"
 
 
 def fingerprint(root: Path, files: Iterable[Path], formats: str) -> dict[str, Any]:
@@ -119,6 +120,7 @@ class Manifest:
         try:
             out.mkdir(parents=True, exist_ok=True)
             self._lock()
+            self.path.with_name(_REDO_TMP).unlink(missing_ok=True)  # from a redo killed mid-rewrite
             if fresh:
                 for name in (MANIFEST, REPORT, RUN):
                     (out / name).unlink(missing_ok=True)
@@ -216,7 +218,7 @@ class Manifest:
         the old whole (and durably) before any file is deleted, so a crash
         at any point leaves each recipient either with its old line and files,
         or with neither (then it is redone)."""
-        tmp = self.path.with_name(f".{MANIFEST}.redo.tmp")
+        tmp = self.path.with_name(_REDO_TMP)
         try:
             with open(tmp, "wb") as f:
                 for _, line, entry in self._lines():
@@ -263,17 +265,22 @@ class Manifest:
                 ) from None
         self._last_flush = self._clock()
 
-    def sweep(self) -> None:
+    @property
+    def broken(self) -> bool:
+        """A write failed: some lines this run added may not be on disk."""
+        return self._broken
+
+    def sweep(self) -> Done | None:
         """After a stop: delete the files of recipients whose lines were never
-        written, so messages/ holds exactly what the manifest lists. Best effort:
-        what a dead disk keeps, the next run's start sweeps."""
+        written, so messages/ holds exactly what the manifest lists; return what
+        the manifest on disk holds. Best effort (None): what a dead disk keeps,
+        the next run's start sweeps."""
         try:
-            listed: set[str] = set()
-            for _, _, entry in self._lines():
-                listed.update(entry.get("files") or ())
+            on_disk, listed = self._read()
             self._sweep(listed)
+            return on_disk
         except (OSError, OutputError):
-            pass
+            return None
 
     def close(self) -> None:
         try:

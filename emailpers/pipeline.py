@@ -148,6 +148,7 @@ class Run:
         # per source, over this run's recipients: asked for, and gave no data
         self.source_recipients: dict[str, int] = {}
         self.source_failures: dict[str, int] = {}
+        self.on_disk: Done | None = None  # the manifest as read back after a failed write
         self.report: dict[str, Any] = {}
 
     def execute(self) -> dict[str, Any]:
@@ -180,7 +181,9 @@ class Run:
             except OutputError as exc:
                 error = error or exc
             if error is not None:
-                self.manifest.sweep()  # files of recipients in flight at the stop, whose lines were never written
+                on_disk = self.manifest.sweep()  # files of recipients in flight at the stop, whose lines were never written
+                if self.manifest.broken:  # report what the manifest holds, not what was meant for it
+                    self.on_disk = on_disk
         self.report = self._build_report(time.monotonic() - started, error)
         if out is not None and running:
             try:
@@ -195,14 +198,18 @@ class Run:
 
     def _build_report(self, elapsed: float, error: BaseException | None) -> dict[str, Any]:
         done = self.manifest.done if self.manifest else Done()
+        counts = self.counts
         recipients, failures = dict(done.source_recipients), dict(done.source_failures)
         for name, n in self.source_recipients.items():
             recipients[name] = recipients.get(name, 0) + n
         for name, n in self.source_failures.items():
             failures[name] = failures.get(name, 0) + n
+        if self.on_disk is not None:
+            counts = {s: n - done.counts.get(s, 0) for s, n in self.on_disk.counts.items() if n > done.counts.get(s, 0)}
+            recipients, failures = self.on_disk.source_recipients, self.on_disk.source_failures
         return build_report(
             campaign=self.campaign.name,
-            counts=self.counts,
+            counts=counts,
             previous=done.counts,
             sources=self.fetcher_stats,
             source_failures={name: (failures.get(name, 0), n) for name, n in recipients.items()},

@@ -156,6 +156,15 @@ def test_redo_fallback_replaces_lines_and_files(api: ScriptedAPI, tmp_path: Path
     assert shop.status == 200
 
 
+def test_render_help_documents_the_rerun_options() -> None:
+    from conftest import invoke
+
+    result = invoke("render", "--help")
+
+    assert "--redo STATUS[,STATUS]" in result.stdout and "--max-failures N" in result.stdout
+    assert "[default: 0.5;" in result.stdout and "no API secrets" in result.stdout
+
+
 def test_redo_rejects_an_unknown_status(tmp_path: Path) -> None:
     result = render(write_campaign(tmp_path / "c"), tmp_path / "out", "--redo", "failed,broken")
 

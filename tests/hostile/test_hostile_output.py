@@ -92,6 +92,7 @@ def test_a_manifest_the_disk_refuses_gives_one_error_and_a_report(tmp_path: Path
     assert "STOPPED EARLY: " in result.stdout
     data = json.loads((out / "report.json").read_text())
     assert data["stopped"].startswith(f"{out / 'manifest.jsonl'}: cannot write the manifest")
+    assert data["this_run"]["rendered"] == len(manifest_lines(out))  # lines that reached the disk, no more
     written = (out / "manifest.jsonl").read_bytes()
     # The kernel let part of a line through; the sweep after the stop cut it off (that recipient is redone).
     assert 7 * 1024 < len(written) <= 8 * 1024 and written.endswith(b"\n")
