@@ -2,7 +2,7 @@
 
     EmailpersError                 anything the CLI turns into "Error: ..." and an exit code
     ├── CampaignError              the run cannot start: campaign file, templates, env vars (exit 1)
-    ├── OutputError                the output folder cannot be used (exit 1)
+    ├── OutputError                the output folder cannot be used, or the disk refused a write (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
     ├── TooManyFailures            --max-failures recipients failed; the run stopped (exit 3)

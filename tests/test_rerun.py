@@ -227,6 +227,7 @@ def test_kill_9_orphans_are_swept_before_the_next_run(api: ScriptedAPI, tmp_path
             listed = {Path(f).name for e in complete_lines(out / "manifest.jsonl") for f in e["files"]}
             if files - listed and listed:
                 break
+            time.sleep(0.002)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait(timeout=10)
