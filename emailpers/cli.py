@@ -124,7 +124,7 @@ def _progress(campaign: Campaign, enabled: bool, label: str = "Rendering") -> It
         yield None
         return
     total = count_rows(campaign.recipients.path)
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True,
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=False,
                            item_show_func=lambda eta: eta) as bar:
         line = ProgressLine(total, lambda steps, eta: bar.update(steps, eta))
         yield line
