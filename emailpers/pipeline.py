@@ -360,7 +360,7 @@ class Run:
             # Set at once, not when this task ends: recipients already under way record nothing more.
             self.fatal = TooManyFailures(
                 f"{limit} recipients failed in this run (--max-failures {limit}); the last, {row.id!r}: "
-                f"{entry['error']}. Stopped; fix the cause, then run the same command with --redo failed"
+                f"{entry['error']}. Stopped; fix the data, then run the same command with --redo failed (a fixed template needs --fresh)"
             )
             raise self.fatal
 

@@ -391,7 +391,7 @@ def test_max_failures_stops_the_run_with_exit_3(tmp_path: Path) -> None:
 
     assert result.exit_code == 3, result.output
     assert result.stderr.startswith("Error: 5 recipients failed in this run (--max-failures 5); the last, 'd08': ")
-    assert result.stderr.endswith("Stopped; fix the cause, then run the same command with --redo failed\n")
+    assert result.stderr.endswith("Stopped; fix the data, then run the same command with --redo failed (a fixed template needs --fresh)\n")
     statuses = [e["status"] for e in manifest_lines(out)]
     assert statuses.count("failed") >= 5 and len(statuses) < 40
     assert listed_files(out) == message_files(out)
