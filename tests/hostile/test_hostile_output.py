@@ -140,3 +140,10 @@ def test_a_full_disk_stops_the_run_and_the_rerun_finishes_it(small_disk: Path, t
     assert result.exit_code == 0, result.output
     assert sorted(manifest(out)) == [r["id"] for r in rows]
     assert_consistent(out)
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    write_recipients(tmp_path / "c" / "recipients.jsonl", people(401))
+    result = render(campaign, out, workers=workers)
+
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {out}: cannot use output folder: Read-only file system\n"
