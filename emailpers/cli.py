@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,13 +20,15 @@ from emailpers.errors import CampaignError, EmailpersError
 from emailpers.output import FORMATS
 from emailpers.pipeline import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_ERROR_RATE,
+    Progress,
     RunOptions,
     cache_directory,
     render_campaign,
     warm_cache,
 )
 from emailpers.recipients import count_rows, recipients_argument
-from emailpers.report import summary
+from emailpers.report import STATUSES, summary
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_RECIPIENTS = 0, 1, 2, 3
 
@@ -41,12 +45,15 @@ def cli() -> None:
 
     \b
     Exit codes: 0 every recipient has an outcome, 1 the run could not start
-    (or stopped on an error), 2 usage, 3 some recipients failed,
+    (or stopped on an error: a disk error, a folder in use), 2 usage, 3 some
+    recipient in the manifest failed (or --max-failures stopped the run),
     4 stopped early by --max-error-rate.
     """
 
 
 def _fail(exc: EmailpersError) -> None:
+    if exc.report is not None:  # a run that stopped: what it did, then why it stopped
+        click.echo(summary(exc.report))
     click.echo(f"Error: {exc}", err=True)
     sys.exit(exc.exit_code)
 
@@ -62,14 +69,74 @@ def _errors() -> Iterator[None]:
         sys.exit(130)
 
 
+class ProgressLine:
+    """Feeds a progress bar at most every REDRAW seconds, with a time estimate
+    from this run's own pace over the last WINDOW seconds. (click's estimate
+    averages from the moment the bar appeared, so the render processes starting
+    and the first fetches made it read 11:50:04 for a 15 s job, and recipients
+    resumed from an earlier run, skipped at once, made it read too little.)"""
+
+    REDRAW = 0.1
+    WINDOW = 10.0
+
+    def __init__(self, total: int, draw: Callable[[int, str], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total
+        self.draw = draw  # (steps since the last draw, the estimate to show)
+        self.clock = clock
+        self.position = 0  # rows behind us, resumed ones included
+        self.processed = 0  # rows this run worked on: the pace
+        self.pending = 0
+        self.last_draw = -float("inf")
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def __call__(self, count: int, resumed: bool) -> None:
+        self.position += count
+        self.pending += count
+        if not resumed:
+            self.processed += count
+        now = self.clock()
+        if now - self.last_draw >= self.REDRAW:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        if self.processed:  # the pace starts with this run's first recipient, not with the bar
+            self.samples.append((now, self.processed))
+            while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
+                self.samples.popleft()
+        self.draw(self.pending, self.estimate(now))
+        self.pending = 0
+        self.last_draw = now
+
+    def estimate(self, now: float) -> str:
+        since, then = self.samples[0] if self.samples else (now, 0)
+        if now - since < 1.0 or self.processed == then:
+            return "eta --"  # under a second of pace: no guess beats a wild one
+        seconds = round(max(self.total - self.position, 0) * (now - since) / (self.processed - then))
+        minutes, seconds = divmod(seconds, 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"eta {hours}h{minutes:02d}m" if hours else f"eta {minutes}m{seconds:02d}s" if minutes else f"eta {seconds}s"
+
+
 @contextmanager
-def _progress(campaign: Campaign, enabled: bool, label: str = "Rendering") -> Iterator[Callable[[int], None] | None]:
+def _progress(campaign: Campaign, enabled: bool, label: str = "Rendering") -> Iterator[Progress | None]:
     if not enabled or not sys.stderr.isatty():
         yield None
         return
     total = count_rows(campaign.recipients.path)
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True) as bar:
-        yield bar.update
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=False,
+                           item_show_func=lambda eta: eta) as bar:
+        line = ProgressLine(total, lambda steps, eta: bar.update(steps, eta))
+        yield line
+        line.flush()
+
+
+def _statuses(ctx: click.Context, param: click.Parameter, value: str | None) -> frozenset[str]:
+    statuses = frozenset(s.strip() for s in (value or "").split(",") if s.strip())
+    unknown = sorted(statuses - set(STATUSES))
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)} is not a status; use {', '.join(STATUSES)}")
+    return statuses
 
 
 _cache_dir_option = click.option(
@@ -87,8 +154,10 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--concurrency", type=click.IntRange(1, 4096), default=DEFAULT_CONCURRENCY, show_default=True,
                          help="Requests in flight at once, over all sources."),
             _cache_dir_option,
-            click.option("--max-error-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                         help="Stop (exit 4) when more than this share of a source's first 200 fetches fail."),
+            click.option("--max-error-rate", type=click.FloatRange(0, 1, min_open=True),
+                         default=DEFAULT_MAX_ERROR_RATE, show_default=True,
+                         help="Stop (exit 4) when more than this share of a source's last 200 fetches failed; "
+                              "1 never stops."),
             click.option("--progress/--no-progress", default=True, help="Progress bar on a terminal."),
         ]
     ):
@@ -106,8 +175,15 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--workers", type=click.IntRange(0, 64),
               help="Render processes [default: one per core; 0 renders in the main process].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
-@click.option("--offline", is_flag=True, help="Use only the cache; no network. Recipients without cached data fall back.")
-@click.option("--fresh", is_flag=True, help="Start over: forget the manifest and messages in --out instead of resuming.")
+@click.option("--offline", is_flag=True,
+              help="Use only the cache; no network, no API secrets needed. Recipients without cached data fall back.")
+@click.option("--fresh", is_flag=True,
+              help="Start over: delete what emailpers wrote in --out (manifest, report, messages) instead of resuming.")
+@click.option("--redo", callback=_statuses, metavar="STATUS[,STATUS]",
+              help="On resume, do again the recipients with these statuses (failed, fallback, ...): "
+                   "their lines and files are replaced.")
+@click.option("--max-failures", type=click.IntRange(1), metavar="N",
+              help="Stop (exit 3) once N recipients failed in this run.")
 def render(
     campaign_file: Path,
     out: Path,
@@ -121,6 +197,8 @@ def render(
     no_cache: bool,
     offline: bool,
     fresh: bool,
+    redo: frozenset[str],
+    max_failures: int | None,
 ) -> None:
     """Render CAMPAIGN (a .toml file) for every recipient into --out.
 
@@ -129,8 +207,11 @@ def render(
     """
     if no_cache and offline:
         raise click.UsageError("--offline reads the cache; it cannot be combined with --no-cache")
+    if fresh and redo:
+        raise click.UsageError("--redo does part of an earlier run again; --fresh starts over: choose one")
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
-        campaign = load_campaign(campaign_file, path, recipients_label=label)
+        # Offline, nothing is sent: the API secrets are not needed.
+        campaign = load_campaign(campaign_file, path, recipients_label=label, need_secrets=not offline)
         options = RunOptions(
             out=out,
             formats=formats,
@@ -141,12 +222,18 @@ def render(
             offline=offline,
             fresh=fresh,
             max_error_rate=max_error_rate,
+            max_failures=max_failures,
+            redo=redo,
         )
         with _progress(campaign, progress) as update:
             report = render_campaign(campaign, options, update)
     click.echo(summary(report))
     click.echo(f"Output: {out}/ (manifest.jsonl, report.json, messages/)")
-    sys.exit(EXIT_FAILED_RECIPIENTS if report["this_run"]["failed"] else EXIT_OK)
+    # The whole manifest, not this run: a rerun that skips failed recipients never reports success.
+    failed = report["total"]["failed"]
+    if failed and not report["this_run"]["failed"]:
+        click.echo(f"{failed} recipients failed in an earlier run; --redo failed does them again", err=True)
+    sys.exit(EXIT_FAILED_RECIPIENTS if failed else EXIT_OK)
 
 
 @cli.group()

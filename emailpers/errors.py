@@ -3,9 +3,10 @@
     EmailpersError                 anything the CLI turns into "Error: ..." and an exit code
     ├── CampaignError              the run cannot start: campaign file, templates, env vars (exit 1)
     │   └── RecipientListError     the recipient list as a whole is unusable (found before any request)
-    ├── OutputError                the output folder cannot be used (exit 1)
+    ├── OutputError                the output folder cannot be used, or the disk refused a write (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
+    ├── TooManyFailures            --max-failures recipients failed; the run stopped (exit 3)
     └── UnhealthySource            a source failed too often; the run stopped early (exit 4)
 
     RecipientError                 one recipient cannot be served; recorded in the manifest,
@@ -21,11 +22,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EmailpersError(Exception):
     """Base of the errors that end a command."""
 
     exit_code = 1
+    report: dict[str, Any] | None = None  # a run that stopped: its report, set as the error leaves it
 
 
 class CampaignError(EmailpersError):
@@ -49,8 +53,14 @@ class RenderProcessDied(EmailpersError):
     """A render process ended abruptly; the pool cannot go on."""
 
 
+class TooManyFailures(EmailpersError):
+    """As many recipients failed as --max-failures allows."""
+
+    exit_code = 3
+
+
 class UnhealthySource(EmailpersError):
-    """A source failed for too large a share of its first fetches."""
+    """A source failed for too large a share of its latest fetches."""
 
     exit_code = 4
 

@@ -1,8 +1,8 @@
-"""What a run leaves on disk: message files and the manifest, its journal.
+"""The message files a run writes: file names, the .eml, whole-file writes.
 
 Message files are written whole (temporary file, then rename) before their
-manifest line, so a run killed at any moment leaves only whole files, and the
-manifest says exactly which recipients are done. Running again resumes.
+manifest line (manifest.py), so a run killed at any moment leaves only whole
+files, and the manifest says exactly which recipients are done.
 """
 
 from __future__ import annotations
@@ -10,18 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import errno
 import hashlib
-import json
 import os
 import re
-import shutil
-import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.header import Header
 from pathlib import Path
-from typing import Any
 
 from emailpers.errors import OutputError
 from emailpers.render import Email
@@ -36,15 +32,35 @@ CRLF = "\r\n"
 
 
 def file_stem(recipient_id: str) -> str:
-    """A file name for any id: the id itself when it is plainly safe, else an
-    encoding of it (`~` + base32) that cannot collide with a safe id and can
-    never be a path."""
+    """A file name for any id, distinct from every other id's even on a
+    case-insensitive file system (macOS, Windows), and never a path.
+
+    A plainly safe lowercase id is its own name. A safe id with an uppercase
+    letter gets `~` and 10 hex digits of its hash appended (`A1` becomes
+    `A1~...`, `a1` stays `a1`: one file each, however the disk compares case).
+    Any other id is encoded as `~` + base32 in lowercase, or `~h` + its SHA-256
+    when that would be long; neither can collide with a safe id."""
     if _SAFE_ID.match(recipient_id) and not recipient_id.endswith("."):
-        return recipient_id
+        if recipient_id == recipient_id.lower():
+            return recipient_id
+        return f"{recipient_id}~{hashlib.sha256(recipient_id.encode()).hexdigest()[:10]}"
     encoded = base64.b32encode(recipient_id.encode()).decode().rstrip("=").lower()
     if len(encoded) > 100:
         encoded = "h" + hashlib.sha256(recipient_id.encode()).hexdigest()
     return "~" + encoded
+
+
+# Every name file_stem can give, with every suffix write_message writes: the
+# files of messages/ a run may sweep. Anything else there is left alone.
+_OWN_FILE = re.compile(
+    r"(?:[a-z0-9][a-z0-9_.-]{0,99}|[A-Za-z0-9][A-Za-z0-9_.-]{0,99}~[0-9a-f]{10}|~[a-z2-7]{1,100}|~h[0-9a-f]{64})"
+    r"\.(?:eml|html|txt)"
+)
+
+
+def is_message_file(name: str) -> bool:
+    """Could emailpers have written a file of this name into messages/?"""
+    return _OWN_FILE.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -128,16 +144,24 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep half a file
+        raise
 
 
 def write_message(out: Path, recipient_id: str, to: str, message: Email, formats: str, envelope: Envelope) -> list[str]:
-    """Write one recipient's files whole; return their paths relative to `out`."""
+    """Write one recipient's files whole; return their paths relative to `out`.
+
+    Raises OutputError when the disk refuses (full, read-only, quota, I/O
+    error): that is not this recipient's fault and would fail every later one,
+    so the run stops, and the recipient is not recorded (a rerun does it)."""
     stem = file_stem(recipient_id)
     written: list[tuple[str, bytes]] = []
     if formats in ("eml", "all"):
@@ -145,90 +169,14 @@ def write_message(out: Path, recipient_id: str, to: str, message: Email, formats
     if formats in ("html", "all"):
         written.append((f"{stem}.html", message.html.encode()))
         written.append((f"{stem}.txt", message.text.encode()))
-    for name, data in written:
-        write_atomic(out / MESSAGES / name, data)
+    try:
+        for name, data in written:
+            write_atomic(out / MESSAGES / name, data)
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, "?")
+        raise OutputError(
+            f"{out / MESSAGES}: cannot write message files: {exc.strerror} ({code}); the run stopped, and recipients "
+            "whose files were not written are not in the manifest: free space or fix the folder, then run the "
+            "same command again to resume"
+        ) from None
     return [f"{MESSAGES}/{name}" for name, _ in written]
-
-
-@dataclass
-class Done:
-    """What an earlier run on the same output folder already finished."""
-
-    ids: set[str] = field(default_factory=set)
-    invalid_rows: set[int] = field(default_factory=set)
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-class Manifest:
-    """The journal: one JSON line per finished recipient, appended in batches
-    (a line is only ever written after its files are whole)."""
-
-    FLUSH_LINES = 256
-    FLUSH_SECONDS = 0.5
-
-    def __init__(self, out: Path, *, fresh: bool) -> None:
-        self.out = out
-        self.path = out / MANIFEST
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            if fresh:
-                self._clear()
-            (out / MESSAGES).mkdir(exist_ok=True)
-            for leftover in (out / MESSAGES).glob(".*.tmp"):  # from a killed run
-                leftover.unlink()
-            self.done = self._read()
-            self._file = open(self.path, "a", encoding="utf-8")
-        except OSError as exc:
-            raise OutputError(f"{out}: cannot use output folder: {exc.strerror}") from None
-        self._buffer: list[str] = []
-        self._last_flush = time.monotonic()
-
-    def _clear(self) -> None:
-        for name in (MANIFEST, REPORT):
-            (self.out / name).unlink(missing_ok=True)
-        shutil.rmtree(self.out / MESSAGES, ignore_errors=True)
-
-    def _read(self) -> Done:
-        done = Done()
-        if not self.path.exists():
-            return done
-        with open(self.path, "rb+") as f:
-            data = f.read()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):  # a line cut off by a kill: that recipient is redone
-                f.truncate(end)
-        for number, line in enumerate(data[:end].splitlines(), start=1):
-            try:
-                entry = json.loads(line)
-                status = entry["status"]
-            except (ValueError, KeyError, TypeError):
-                raise OutputError(
-                    f"{self.path}:{number}: not a manifest line; use a new --out folder or --fresh to start over"
-                ) from None
-            done.counts[status] = done.counts.get(status, 0) + 1
-            if status == "invalid":
-                done.invalid_rows.add(entry.get("row", -1))
-            else:
-                done.ids.add(entry["id"])
-        return done
-
-    def add(self, entry: dict[str, Any]) -> None:
-        self._buffer.append(json.dumps(entry, ensure_ascii=False, separators=(",", ":")))
-        if len(self._buffer) >= self.FLUSH_LINES or time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._buffer:
-            self._file.write("\n".join(self._buffer) + "\n")
-            self._buffer.clear()
-        self._file.flush()
-        self._last_flush = time.monotonic()
-
-    def close(self) -> None:
-        self.flush()
-        self._file.close()
-
-    def entries(self) -> Iterable[dict[str, Any]]:
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)

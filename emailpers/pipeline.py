@@ -14,25 +14,29 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import re
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from emailpers.batching import Batcher
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
-from emailpers.errors import RenderProcessDied, UnhealthySource
+from emailpers.errors import EmailpersError, OutputError, RenderProcessDied, TooManyFailures, UnhealthySource
 from emailpers.http import HttpClient
-from emailpers.output import REPORT, Done, Manifest, write_atomic
+from emailpers.manifest import Done, Manifest, fingerprint
+from emailpers.output import REPORT, write_atomic
 from emailpers.recipients import Preflight, Row, preflight, read_recipients
 from emailpers.report import build_report
 from emailpers.sources import Fetched, Fetcher, SourceStats
 from emailpers.worker import Job, RenderJob, Served, init_worker, serve_chunk
 
 DEFAULT_CONCURRENCY = 32
-HEALTH_WINDOW = 200  # first fetches of a source judged by --max-error-rate
+DEFAULT_MAX_ERROR_RATE = 0.5
+HEALTH_WINDOW = 200  # a source's latest fetches judged by --max-error-rate
 HEALTH_MINIMUM = 20  # fetches before the guard may judge at all
 # Recipients go to the render processes in chunks: one pickle and one pipe
 # round trip for many. Per recipient, that overhead was ~0.2 ms of the main
@@ -51,7 +55,9 @@ class RunOptions:
     use_cache: bool = True
     offline: bool = False
     fresh: bool = False
-    max_error_rate: float | None = None
+    max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE  # None or 1: never stop on errors
+    max_failures: int | None = None  # stop once this many recipients failed in this run
+    redo: frozenset[str] = field(default_factory=frozenset)  # statuses to do again on resume
 
 
 def default_workers() -> int:
@@ -69,28 +75,56 @@ def make_client(concurrency: int) -> HttpClient:
 # -- the run ------------------------------------------------------------------------
 
 
-class _HealthGuard:
-    def __init__(self, max_error_rate: float | None) -> None:
-        self.max_error_rate = max_error_rate
-        self.seen: dict[str, int] = {}
+class HealthGuard:
+    """Stops the run when more than `max_error_rate` of a source's latest
+    HEALTH_WINDOW network fetches failed: an API that dies at recipient 10,000
+    of 200,000 stops the run as surely as one that was never up."""
+
+    def __init__(self, max_error_rate: float | None, window: int = HEALTH_WINDOW, minimum: int = HEALTH_MINIMUM) -> None:
+        self.max_error_rate = max_error_rate if max_error_rate is not None and max_error_rate < 1 else None
+        self.window = window
+        self.minimum = minimum
+        self.recent: dict[str, deque[str | None]] = {}  # per source: None for a success, else the error
         self.failed: dict[str, int] = {}
 
-    def check(self, name: str, result: Fetched, fetcher: Fetcher) -> None:
+    def check(self, name: str, result: Fetched) -> None:
         if self.max_error_rate is None or result.outcome in ("cache", "skipped") or result.shared:
             return
-        seen = self.seen.get(name, 0)
-        if seen >= HEALTH_WINDOW:
-            return
-        self.seen[name] = seen = seen + 1
-        failed = self.failed[name] = self.failed.get(name, 0) + (0 if result.ok else 1)
-        if seen >= HEALTH_MINIMUM and failed / seen > self.max_error_rate:
-            kinds = fetcher.sources[name].stats.error_kinds
-            common = max(kinds, key=kinds.__getitem__) if kinds else "unknown"
+        recent = self.recent.setdefault(name, deque())
+        error = None if result.ok else (result.error or result.outcome)
+        recent.append(error)
+        failed = self.failed[name] = self.failed.get(name, 0) + (error is not None)
+        if len(recent) > self.window and recent.popleft() is not None:
+            failed = self.failed[name] = failed - 1
+        if len(recent) >= self.minimum and failed / len(recent) > self.max_error_rate:
+            common = Counter(e for e in recent if e is not None).most_common(1)[0][0]
             raise UnhealthySource(
-                f"source {name!r}: {failed} of its first {seen} fetches failed (more than "
+                f"source {name!r}: {failed} of its last {len(recent)} fetches failed (more than "
                 f"{self.max_error_rate:.0%}); most common error: {common}. Stopped early; "
                 "fix the API and run the same command again to resume"
             )
+
+
+_MJ_INCLUDE = re.compile(r"""<mj-include\b[^>]*?\bpath\s*=\s*["']([^"']+)["']""", re.IGNORECASE)
+
+
+def campaign_files(campaign: Campaign, templates: set[Path]) -> list[Path]:
+    """The campaign file, every Jinja template it uses (`templates`), and the
+    files they name in <mj-include> (read statically: MJML resolves them after
+    Jinja, inside the campaign folder)."""
+    found = set(templates)
+    pending = list(templates)
+    while pending:
+        text = pending.pop().read_text(encoding="utf-8", errors="replace")
+        for name in _MJ_INCLUDE.findall(text):
+            path = (campaign.root / name).resolve()
+            if path not in found and path.is_relative_to(campaign.root) and path.is_file():
+                found.add(path)
+                pending.append(path)
+    return [campaign.path, *sorted(found)]
+
+
+Progress = Callable[[int, bool], None]  # (recipients, whether an earlier run had done them)
 
 
 class Run:
@@ -98,59 +132,96 @@ class Run:
         self,
         campaign: Campaign,
         options: RunOptions,
-        progress: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.campaign = campaign
         self.options = options
-        self.progress = progress or (lambda n: None)
+        self.progress = progress or (lambda n, resumed: None)
         # Built first: it validates every template before anything runs.
         self.job = RenderJob(campaign, options.out, options.formats) if options.out is not None else None
         self.manifest: Manifest | None = None
         self.render_queue: Batcher[Job, Served] | None = None
         self.counts: dict[str, int] = {}
         self.fatal: BaseException | None = None
-        self.guard = _HealthGuard(options.max_error_rate)
+        self.guard = HealthGuard(options.max_error_rate)
         self.fetcher_stats: dict[str, SourceStats] = {}
+        # per source, over this run's recipients: asked for, and gave no data
+        self.source_recipients: dict[str, int] = {}
+        self.source_failures: dict[str, int] = {}
+        self.on_disk: Done | None = None  # the manifest as read back after a failed write
         self.report: dict[str, Any] = {}
         self.preflight = Preflight(columns=(), rows=0)
 
     def execute(self) -> dict[str, Any]:
+        """Run, then always: close, sweep what a stop left unlisted, report.
+        Raises the error that stopped the run (the first one), its report attached."""
         out = self.options.out
         # The whole list is read first: a list that cannot be trusted stops the run
         # before anything is fetched or written (not even the output folder).
         self.preflight = preflight(self.campaign.recipients)
-        self.manifest = Manifest(out, fresh=self.options.fresh) if out is not None else None
-        cache = None
-        if self.options.use_cache or self.options.offline:
-            cache = ResponseCache(cache_directory(self.campaign, self.options))
         started = time.monotonic()
-        stopped = None
-        pool = self._pool()
+        error: BaseException | None = None
+        cache = pool = None
+        running = False  # past the checks that keep a run from starting: from here on, a report
         try:
+            if out is not None and self.job is not None:
+                files = campaign_files(self.campaign, self.job.renderer.template_files)
+                run = fingerprint(self.campaign.root, files, self.options.formats)
+                self.manifest = Manifest(out, fresh=self.options.fresh, run=run, redo=self.options.redo)
+            if self.options.use_cache or self.options.offline:
+                cache = ResponseCache(cache_directory(self.campaign, self.options))
+            pool = self._pool()
+            running = True
             asyncio.run(self._run(cache, pool))
-        except UnhealthySource as exc:
-            stopped = str(exc)
-            raise
-        finally:
-            if self.manifest is not None:
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the report
+            error = exc
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if cache is not None:
+            cache.close()
+        if self.manifest is not None:
+            try:
                 self.manifest.close()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            if cache is not None:
-                cache.close()
-            report = build_report(
-                campaign=self.campaign.name,
-                counts=self.counts,
-                previous=self.manifest.done.counts if self.manifest else {},
-                sources=self.fetcher_stats,
-                elapsed=time.monotonic() - started,
-                stopped=stopped,
-                warnings=self.preflight.warnings,
-            )
-            self.report = report
-            if out is not None:
-                write_atomic(out / REPORT, (json.dumps(report, indent=2) + "\n").encode())
-        return report
+            except OutputError as exc:
+                error = error or exc
+            if error is not None:
+                on_disk = self.manifest.sweep()  # files of recipients in flight at the stop, whose lines were never written
+                if self.manifest.broken:  # report what the manifest holds, not what was meant for it
+                    self.on_disk = on_disk
+        self.report = self._build_report(time.monotonic() - started, error)
+        if out is not None and running:
+            try:
+                write_atomic(out / REPORT, (json.dumps(self.report, indent=2) + "\n").encode())
+            except OSError as exc:
+                error = error or OutputError(f"{out / REPORT}: cannot write the report: {exc.strerror}")
+        if error is not None:
+            if isinstance(error, EmailpersError) and running:
+                error.report = self.report
+            raise error
+        return self.report
+
+    def _build_report(self, elapsed: float, error: BaseException | None) -> dict[str, Any]:
+        done = self.manifest.done if self.manifest else Done()
+        counts = self.counts
+        recipients, failures = dict(done.source_recipients), dict(done.source_failures)
+        for name, n in self.source_recipients.items():
+            recipients[name] = recipients.get(name, 0) + n
+        for name, n in self.source_failures.items():
+            failures[name] = failures.get(name, 0) + n
+        if self.on_disk is not None:
+            counts = {s: n - done.counts.get(s, 0) for s, n in self.on_disk.counts.items() if n > done.counts.get(s, 0)}
+            recipients, failures = self.on_disk.source_recipients, self.on_disk.source_failures
+        return build_report(
+            campaign=self.campaign.name,
+            counts=counts,
+            previous=done.counts,
+            sources=self.fetcher_stats,
+            source_failures={name: (failures.get(name, 0), n) for name, n in recipients.items()},
+            elapsed=elapsed,
+            stopped=str(error) if isinstance(error, EmailpersError) else None,
+            warm=self.job is None,
+            warnings=self.preflight.warnings,
+        )
 
     def _pool(self) -> concurrent.futures.ProcessPoolExecutor | None:
         workers = default_workers() if self.options.workers is None else self.options.workers
@@ -225,15 +296,17 @@ class Run:
                 seen.add(row.id)
             finished = row.number in done.invalid_rows if row.problem is not None else row.id in done.ids
             if finished:
-                self.progress(1)
+                self.progress(1, True)
             else:
                 yield row
 
     async def _serve(self, row: Row, fetcher: Fetcher) -> None:
         assert row.id is not None and row.email is not None
+        if self.fatal is not None:
+            return
         fetched = await fetcher.fetch_all(row.fields)
         for name, result in fetched.items():
-            self.guard.check(name, result, fetcher)
+            self.guard.check(name, result)
         data = {name: r.data for name, r in fetched.items() if r.ok}
         failures = {name: (r.error or r.outcome) for name, r in fetched.items() if not r.ok}
         if self.job is None:  # cache warm: the fetch was the whole job
@@ -246,6 +319,8 @@ class Run:
             return
         job: Job = (row.id, row.email, row.fields, data, failures)
         served = self.job(*job) if self.render_queue is None else await self.render_queue.submit(job)
+        if self.fatal is not None:  # the run is stopping: this recipient's files are swept, it is redone
+            return
         self._count_fallbacks(served, failures, fetcher)
         self._record(row, served.status, fetched=fetched, served=served)
 
@@ -280,20 +355,27 @@ class Run:
         if self.manifest is not None:
             self.manifest.add(entry)
         self.counts[status] = self.counts.get(status, 0) + 1
-        self.progress(1)
+        for name, result in (fetched or {}).items():
+            self.source_recipients[name] = self.source_recipients.get(name, 0) + 1
+            if not result.ok:
+                self.source_failures[name] = self.source_failures.get(name, 0) + 1
+        self.progress(1, False)
+        limit = self.options.max_failures
+        if status == "failed" and limit is not None and self.counts[status] >= limit:
+            # Set at once, not when this task ends: recipients already under way record nothing more.
+            self.fatal = TooManyFailures(
+                f"{limit} recipients failed in this run (--max-failures {limit}); the last, {row.id!r}: "
+                f"{entry['error']}. Stopped; fix the data, then run the same command with --redo failed (a fixed template needs --fresh)"
+            )
+            raise self.fatal
 
 
-def render_campaign(
-    campaign: Campaign, options: RunOptions, progress: Callable[[int], None] | None = None
-) -> dict[str, Any]:
+def render_campaign(campaign: Campaign, options: RunOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Render every recipient of `campaign` into `options.out`; return the report.
     Raises EmailpersError subclasses for what stops a run."""
     return Run(campaign, options, progress).execute()
 
 
-
-def warm_cache(
-    campaign: Campaign, options: RunOptions, progress: Callable[[int], None] | None = None
-) -> dict[str, Any]:
+def warm_cache(campaign: Campaign, options: RunOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Fetch every recipient's data into the cache, render nothing."""
     return Run(campaign, replace(options, out=None, offline=False, use_cache=True), progress).execute()

@@ -123,6 +123,7 @@ class Renderer:
     def __init__(self, campaign: Campaign) -> None:
         self.campaign = campaign
         self.env = make_environment(campaign.root)
+        self.template_files: set[Path] = set()  # every file loaded: main, text, fallback, their includes
         self.template = self._load(campaign.template)
         self.text_template = self._load(campaign.text_template) if campaign.text_template else None
         self.fallback_template = self._load(campaign.fallback_template) if campaign.fallback_template else None
@@ -143,6 +144,7 @@ class Renderer:
                 if current.filename is None or current.name in seen:
                     continue
                 seen.add(current.name)
+                self.template_files.add(Path(current.filename))
                 ast = self.env.parse(Path(current.filename).read_text(encoding="utf-8"), current.name, current.filename)
                 pending += [self.env.get_template(n) for n in meta.find_referenced_templates(ast) if n is not None]
             return template

@@ -10,6 +10,8 @@ from typing import Any
 from emailpers.sources import SourceStats
 
 STATUSES = ("rendered", "fallback", "skipped", "invalid", "failed")
+WARM_STATUSES = ("warmed", "invalid", "failed")  # cache warm: data fetched, or not
+DEGRADED_SHARE = 0.10  # a source that failed for more of its recipients than this makes the run "degraded"
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -51,18 +53,32 @@ def build_report(
     previous: dict[str, int],
     sources: dict[str, SourceStats],
     elapsed: float,
+    source_failures: dict[str, tuple[int, int]] | None = None,
     stopped: str | None = None,
     warnings: Sequence[str] = (),
+    warm: bool = False,
 ) -> dict[str, Any]:
+    """`counts` are this run's, `previous` the manifest's before it;
+    `source_failures` gives per source (recipients it gave no data, recipients
+    it was asked for) over the whole manifest."""
     done = sum(counts.values())
-    statuses = [*STATUSES, *(s for s in {**previous, **counts} if s not in STATUSES)]
+    known = WARM_STATUSES if warm else STATUSES
+    statuses = [*known, *(s for s in {**previous, **counts} if s not in known)]
     total = {s: counts.get(s, 0) + previous.get(s, 0) for s in statuses}
+    degraded = {
+        name: {"failed_recipients": failed, "recipients": asked}
+        for name, (failed, asked) in (source_failures or {}).items()
+        if asked and failed / asked > DEGRADED_SHARE
+    }
     return {
         "campaign": campaign,
+        "command": "cache warm" if warm else "render",
         "this_run": {s: counts.get(s, 0) for s in statuses},
         "total": total,
         "resumed_from_previous_runs": sum(previous.values()),
         "sources": {name: source_report(stats) for name, stats in sources.items()},
+        "degraded": bool(degraded),
+        "degraded_sources": degraded,
         "elapsed_s": round(elapsed, 3),
         "recipients_per_s": round(done / elapsed, 1) if elapsed > 0 else None,
         "stopped": stopped,
@@ -77,11 +93,16 @@ def _ms(value: float | None) -> str:
 def summary(report: dict[str, Any]) -> str:
     """The lines printed at the end of a run."""
     this, total = report["this_run"], report["total"]
-    lines = [f"Campaign {report['campaign']}: {sum(this.values())} recipients this run in {report['elapsed_s']:.2f}s"
-             f" ({report['recipients_per_s'] or 0:g}/s)"]
-    if report["resumed_from_previous_runs"]:
-        lines.append(f"  resumed: {report['resumed_from_previous_runs']} already done by an earlier run")
-    lines.append("  " + "  ".join(f"{s} {n}" for s, n in total.items()) + "   (manifest total)")
+    rate = f"in {report['elapsed_s']:.2f}s ({report['recipients_per_s'] or 0:g}/s)"
+    if report["command"] == "cache warm":
+        lines = [f"Campaign {report['campaign']}: cache warm, data for {sum(this.values())} recipients {rate}",
+                 f"  cached {this['warmed']}  not fetched {this['failed']}  invalid {this['invalid']}"
+                 "   (not fetched: an error or timeout for some source)"]
+    else:
+        lines = [f"Campaign {report['campaign']}: {sum(this.values())} recipients this run {rate}"]
+        if report["resumed_from_previous_runs"]:
+            lines.append(f"  resumed: {report['resumed_from_previous_runs']} already done by an earlier run")
+        lines.append("  " + "  ".join(f"{s} {n}" for s, n in total.items()) + "   (manifest total)")
     for name, s in report["sources"].items():
         lat = s["latency_ms"]
         extras = [
@@ -92,13 +113,20 @@ def summary(report: dict[str, Any]) -> str:
         ]
         lines.append(
             f"  source {name}: {s['requests']} requests, {s['cache_hits']} cache hits, {s['retries']} retries, "
-            f"{s['errors']} errors, {s['fallbacks']} fallbacks"
+            f"{s['errors']} errors"
+            + ("" if report["command"] == "cache warm" else f", {s['fallbacks']} fallbacks")
             + (", " + ", ".join(extras) if extras else "")
             + f"; latency p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} max {_ms(lat['max'])}"
         )
         for error, count in s["top_errors"].items():
             lines.append(f"      {count} x {error}")
     lines.extend(f"  WARNING: {warning}" for warning in report.get("warnings", []))
+    for name, d in report["degraded_sources"].items():
+        lines.append(
+            f"  WARNING: source {name} gave no data for {d['failed_recipients']} of {d['recipients']} recipients "
+            f"({d['failed_recipients'] / d['recipients']:.0%}, more than {DEGRADED_SHARE:.0%}); "
+            + ("not cached" if report["command"] == "cache warm" else "those recipients got fallbacks or were skipped")
+        )
     if report["stopped"]:
         lines.append(f"  STOPPED EARLY: {report['stopped']}")
     return "\n".join(lines)

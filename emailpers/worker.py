@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from emailpers.campaign import Campaign
-from emailpers.errors import RenderFailed
+from emailpers.errors import OutputError, RenderFailed
 from emailpers.output import Envelope, write_message
 from emailpers.render import Renderer
 
@@ -41,8 +41,8 @@ class RenderJob:
             files = write_message(self.out, rid, to, message, self.formats, self.envelope)
         except RenderFailed as exc:
             return Served("failed", [], [], str(exc))
-        except OSError as exc:
-            return Served("failed", [], [], f"cannot write message file: {exc.strerror}")
+        except OutputError:
+            raise  # the disk refused a message file: that stops the run, see write_message
         except Exception as exc:  # noqa: BLE001 - one recipient must never stop the run
             return Served("failed", [], [], f"unexpected error while rendering: {type(exc).__name__}: {exc}")
         fell_back = message.used_fallback_template or bool(message.fallback_blocks)

@@ -166,7 +166,7 @@ def test_unsafe_ids_become_encoded_file_names_inside_messages(tmp_path: Path) ->
         padded = stem[1:].upper() + "=" * (-len(stem[1:]) % 8)
         assert base64.b32decode(padded).decode() == rid
     assert len(set(names.values())) == len(ids)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl", "messages", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".emailpers.lock", "manifest.jsonl", "messages", "report.json", "run.json"]
     assert not (tmp_path / "etc").exists() and not (tmp_path / "x.eml").exists()
 
 

@@ -1,0 +1,289 @@
+"""The manifest, a run's journal, and the output folder it keeps honest.
+
+One JSON line per finished recipient, appended after its files are whole
+(output.py), so a run killed at any moment resumes with every recipient once.
+Around it, in --out:
+
+- `run.json` holds the fingerprint of the campaign that started the folder (the
+  campaign file, every template, --format). A rerun of anything else refuses to
+  start rather than mix two versions of an email in one folder. A separate file
+  keeps every manifest line the same shape, and is written before the first
+  manifest line exists.
+- `.emailpers.lock` is held (flock) while a run uses the folder: a second run on
+  the same --out refuses instead of writing every row twice. The kernel releases
+  it when its holder dies, however it dies.
+- `messages/` holds exactly the files the manifest lists. Files a run wrote
+  whose lines it never wrote (killed, stopped, a disk error) are swept: at once
+  after a stop emailpers controls, at the next start after `kill -9`. Only names
+  emailpers could have written are touched (`output.is_message_file`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emailpers.errors import OutputError
+from emailpers.output import MANIFEST, MESSAGES, REPORT, is_message_file, write_atomic
+
+RUN = "run.json"
+LOCK = ".emailpers.lock"
+_RUN_VERSION = 1
+_REDO_TMP = f".{MANIFEST}.redo.tmp"
+
+
+def fingerprint(root: Path, files: Iterable[Path], formats: str) -> dict[str, Any]:
+    """What makes a run's emails what they are: each file's SHA-256, by its
+    name relative to the campaign folder, and the output format."""
+    hashes = {}
+    for path in files:
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"emailpers_run": _RUN_VERSION, "format": formats, "files": dict(sorted(hashes.items()))}
+
+
+def describe_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """What differs between two fingerprints, in words; None when nothing does."""
+    changes = []
+    if before.get("format") != now["format"]:
+        changes.append(f"--format was {before.get('format')}, now {now['format']}")
+    old, new = before.get("files") or {}, now["files"]
+    for name in sorted(old.keys() | new.keys()):
+        if name not in new:
+            changes.append(f"{name} is no longer used")
+        elif name not in old:
+            changes.append(f"{name} was not used before")
+        elif old[name] != new[name]:
+            changes.append(f"{name} changed")
+    return "; ".join(changes) or None
+
+
+@dataclass
+class Done:
+    """What earlier runs on the same output folder already finished."""
+
+    ids: set[str] = field(default_factory=set)
+    invalid_rows: set[int] = field(default_factory=set)
+    counts: dict[str, int] = field(default_factory=dict)
+    # per source: recipients it was asked for, and those it gave no data
+    source_recipients: dict[str, int] = field(default_factory=dict)
+    source_failures: dict[str, int] = field(default_factory=dict)
+
+    def add(self, entry: dict[str, Any]) -> None:
+        status = entry["status"]
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if status == "invalid":
+            self.invalid_rows.add(entry.get("row", -1))
+        else:
+            self.ids.add(entry["id"])
+        for name, result in (entry.get("sources") or {}).items():
+            self.source_recipients[name] = self.source_recipients.get(name, 0) + 1
+            if result.get("outcome") not in OK_OUTCOMES:
+                self.source_failures[name] = self.source_failures.get(name, 0) + 1
+
+
+OK_OUTCOMES = frozenset({"live", "cache", "stale"})
+
+
+class Manifest:
+    """The journal: one JSON line per finished recipient, appended in batches
+    (a line is only ever written after its files are whole).
+
+    Opening it takes the folder's lock, checks the fingerprint, drops the lines
+    of statuses to `redo`, and sweeps message files no line lists."""
+
+    FLUSH_LINES = 256
+    FLUSH_SECONDS = 0.5
+
+    def __init__(
+        self,
+        out: Path,
+        *,
+        fresh: bool,
+        run: dict[str, Any],
+        redo: Collection[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.out = out
+        self.path = out / MANIFEST
+        self._clock = clock
+        self._fd = -1
+        self._lock_fd = -1
+        self._broken = False
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            self.path.with_name(_REDO_TMP).unlink(missing_ok=True)  # from a redo killed mid-rewrite
+            if fresh:
+                for name in (MANIFEST, REPORT, RUN):
+                    (out / name).unlink(missing_ok=True)
+            (out / MESSAGES).mkdir(exist_ok=True)
+            self.done, listed = self._read()
+            self._check_run(run, started=bool(self.done.counts))
+            if redo and any(self.done.counts.get(status) for status in redo):
+                self._drop(redo)
+                self.done, listed = self._read()
+            self._sweep(listed)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            self._release()
+            raise OutputError(f"{out}: cannot use output folder: {exc.strerror}") from None
+        except OutputError:
+            self._release()
+            raise
+        self._buffer: list[str] = []
+        self._last_flush = self._clock()
+
+    # -- opening --------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        self._lock_fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{self.out}: another emailpers run is using this output folder; wait for it to end, "
+                "or give this run another --out"
+            ) from None
+
+    def _release(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)  # closing the lock's file releases the lock
+        self._fd = self._lock_fd = -1
+
+    def _check_run(self, run: dict[str, Any], *, started: bool) -> None:
+        """A folder with finished recipients resumes only the campaign that started it."""
+        path = self.out / RUN
+        if started:
+            try:
+                before = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise OutputError(
+                    f"{self.out}: has a manifest but no {RUN} (made by an older emailpers, or removed), so it "
+                    "cannot tell which campaign made it; run with --fresh to start over, or use a new --out"
+                ) from None
+            except ValueError:
+                raise OutputError(f"{path}: not a run file; run with --fresh to start over, or use a new --out") from None
+            change = describe_change(before, run) if isinstance(before, dict) else f"{RUN} is not an object"
+            if change is not None:
+                raise OutputError(
+                    f"{self.out}: was started by a different campaign or templates ({change}); resuming would mix "
+                    "two versions of the email. Run with --fresh to start over, or use a new --out"
+                )
+            return
+        write_atomic(path, (json.dumps(run, indent=2) + "\n").encode())
+
+    def _lines(self) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+        """(line number, raw line, entry) of every whole line; a line cut off by a
+        kill is cut off the file too (that recipient is redone)."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as f:
+            number, position = 0, 0
+            for line in f:
+                if not line.endswith(b"\n"):
+                    f.truncate(position)
+                    break
+                number += 1
+                position += len(line)
+                try:
+                    entry = json.loads(line)
+                    if not isinstance(entry, dict) or not isinstance(entry["status"], str):
+                        raise TypeError
+                    if entry["status"] != "invalid" and not isinstance(entry["id"], str):
+                        raise TypeError
+                except (ValueError, KeyError, TypeError):
+                    raise OutputError(
+                        f"{self.path}:{number}: not a manifest line; use a new --out folder or --fresh to start over"
+                    ) from None
+                yield number, line, entry
+
+    def _read(self) -> tuple[Done, set[str]]:
+        done, listed = Done(), set[str]()
+        for _, _, entry in self._lines():
+            done.add(entry)
+            listed.update(entry.get("files") or ())
+        return done, listed
+
+    def _drop(self, statuses: Collection[str]) -> None:
+        """--redo: remove the lines of these statuses. The new manifest replaces
+        the old whole (and durably) before any file is deleted, so a crash
+        at any point leaves each recipient either with its old line and files,
+        or with neither (then it is redone)."""
+        tmp = self.path.with_name(_REDO_TMP)
+        try:
+            with open(tmp, "wb") as f:
+                for _, line, entry in self._lines():
+                    if entry["status"] not in statuses:
+                        f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _sweep(self, listed: set[str]) -> None:
+        """Delete message files that no manifest line lists, and temporary files."""
+        folder = self.out / MESSAGES
+        for entry in os.scandir(folder):
+            name = entry.name
+            leftover = name.startswith(".") and name.endswith(".tmp")
+            if (leftover or (is_message_file(name) and f"{MESSAGES}/{name}" not in listed)) and entry.is_file():
+                os.unlink(entry.path)
+
+    # -- during and after the run -------------------------------------------------------
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self._buffer.append(json.dumps(entry, ensure_ascii=False, separators=(",", ":")))
+        if len(self._buffer) >= self.FLUSH_LINES or self._clock() - self._last_flush > self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the buffered lines. A disk error stops the run (OutputError);
+        whatever part of them reached the disk is read back as usual next time
+        (a torn last line is redone)."""
+        if self._buffer and not self._broken:
+            data = ("\n".join(self._buffer) + "\n").encode()
+            self._buffer.clear()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                self._broken = True
+                raise OutputError(
+                    f"{self.path}: cannot write the manifest: {exc.strerror}; the run stopped. Free space or fix "
+                    "the folder, then run the same command again to resume"
+                ) from None
+        self._last_flush = self._clock()
+
+    @property
+    def broken(self) -> bool:
+        """A write failed: some lines this run added may not be on disk."""
+        return self._broken
+
+    def sweep(self) -> Done | None:
+        """After a stop: delete the files of recipients whose lines were never
+        written, so messages/ holds exactly what the manifest lists; return what
+        the manifest on disk holds. Best effort (None): what a dead disk keeps,
+        the next run's start sweeps."""
+        try:
+            on_disk, listed = self._read()
+            self._sweep(listed)
+            return on_disk
+        except (OSError, OutputError):
+            return None
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._release()
