@@ -3,6 +3,7 @@
     EmailpersError                 anything the CLI turns into "Error: ..." and an exit code
     ├── CampaignError              the run cannot start: campaign file, templates, env vars (exit 1)
     ├── OutputError                the output folder cannot be used (exit 1)
+    ├── CacheError                 the cache folder cannot be used (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
     └── UnhealthySource            a source failed too often; the run stopped early (exit 4)
@@ -33,6 +34,10 @@ class CampaignError(EmailpersError):
 
 class OutputError(EmailpersError):
     """The output folder cannot be written or its manifest cannot be read."""
+
+
+class CacheError(EmailpersError):
+    """The response cache folder cannot be opened: not writable, damaged, locked."""
 
 
 class AuthFailed(EmailpersError):
