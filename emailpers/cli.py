@@ -73,7 +73,7 @@ def _progress(campaign: Campaign, enabled: bool, label: str = "Rendering") -> It
 
 
 _cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EMAILPERS_CACHE_DIR", show_envvar=True,
     help="Response cache folder [default: .emailpers-cache next to the campaign file].",
 )
 

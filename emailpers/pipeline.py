@@ -115,10 +115,16 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         out = self.options.out
-        self.manifest = Manifest(out, fresh=self.options.fresh) if out is not None else None
         cache = None
         if self.options.use_cache or self.options.offline:
+            # First: an unusable cache folder stops the run before --fresh clears anything.
             cache = ResponseCache(cache_directory(self.campaign, self.options))
+        try:
+            self.manifest = Manifest(out, fresh=self.options.fresh) if out is not None else None
+        except BaseException:
+            if cache is not None:
+                cache.close()
+            raise
         started = time.monotonic()
         stopped = None
         pool = self._pool()

@@ -462,7 +462,7 @@ class Fetcher:
         if not result.ok and not result.shared:
             stats.errors += 1
             kind = error_kind(result.error or result.outcome)
-            if kind not in stats.error_kinds and len(stats.error_kinds) >= _ERROR_KINDS_MAX:
+            if kind not in stats.error_kinds and len(stats.error_kinds) >= _ERROR_KINDS_MAX - 1:  # one left for "other"
                 kind = "other"
             stats.error_kinds[kind] = stats.error_kinds.get(kind, 0) + 1
         return result
