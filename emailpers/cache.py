@@ -38,10 +38,13 @@ DEFAULT_CACHE_DIR = ".emailpers-cache"
 # Seconds to wait for another process's lock on the cache database; diskcache
 # waits 60 s, and a cron run minutes before a send cannot.
 LOCK_TIMEOUT = 2.0
-# diskcache applies its `sqlite_*` settings as PRAGMA statements, read from the
-# folder's own Settings table; passing every one here overrides what a hostile
-# folder wrote there, and any other one refuses the folder.
+# diskcache reads its settings from the folder's own Settings table, runs the
+# `sqlite_*` ones as PRAGMA statements and passes the `disk_*` ones to the Disk:
+# every setting is passed here, which overrides what a hostile folder wrote,
+# and a folder with any other setting is refused.
 _SETTINGS: dict[str, Any] = {
+    "statistics": 0,
+    "tag_index": 0,
     "size_limit": 2**32,
     # No size check on every write; expiry removes old entries.
     "cull_limit": 0,
@@ -54,6 +57,8 @@ _SETTINGS: dict[str, Any] = {
     "sqlite_auto_vacuum": 1,
     "sqlite_journal_mode": "wal",
     "sqlite_synchronous": 1,
+    "disk_min_file_size": 2**31,  # never a file: _DataOnlyDisk keeps every value in its row
+    "disk_pickle_protocol": 5,
 }
 
 
@@ -160,7 +165,7 @@ def _unusable(directory: Path, problem: str) -> CacheError:
 def _check_folder(directory: Path) -> None:
     """Refuse, before diskcache touches it, a folder that is no cache of ours:
     not a directory, not writable, not a database, locked by another process,
-    or with settings diskcache would run as PRAGMA statements."""
+    or with settings diskcache does not have (it runs `sqlite_*` ones as PRAGMAs)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -187,7 +192,7 @@ def _check_folder(directory: Path) -> None:
         raise _unusable(directory, f"{database.name}: {exc}") from None
     except sqlite3.DatabaseError as exc:
         raise _unusable(directory, f"{database.name} is damaged: {exc}") from None
-    unknown = sorted(str(key) for (key,) in settings if str(key).startswith("sqlite_") and key not in _SETTINGS)
+    unknown = sorted(str(key) for (key,) in settings if key not in _SETTINGS and key not in diskcache.core.METADATA)
     if unknown:
         raise _unusable(directory, f"its settings were not written by emailpers: {', '.join(unknown)}")
 
@@ -217,7 +222,7 @@ class ResponseCache:
             # answers, which a later recipient asking the same URL gets from the
             # fetcher's dedupe: a cold run skips 20,000 SQLite lookups that all miss.
             self._started_empty = len(self._cache) == 0
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, TypeError, ValueError) as exc:  # TypeError: a count that is no number
             raise _unusable(directory, f"{type(exc).__name__}: {exc}") from None
         self._pending: dict[str, tuple[Entry, bytes, float]] = {}
         self._last_flush = time.monotonic()

@@ -19,6 +19,9 @@ import diskcache
 import pytest
 from conftest import ScriptedAPI, eml_of, invoke, manifest, parts, render, source, write_campaign
 
+from emailpers.cache import request_identity
+from emailpers.campaign import Auth
+
 CART = "/users/{{ id }}/cart"
 
 
@@ -234,3 +237,34 @@ def test_a_shared_cache_dir_never_gives_one_campaigns_answers_to_another(
     html = parts(eml_of(tmp_path / "out-b", manifest(tmp_path / "out-b")["r1"]))["html"]
     assert "<p>Cart: anonymous</p>" in html
     assert manifest(tmp_path / "out-b")["r1"]["sources"]["shop"]["outcome"] == "live"
+
+
+@pytest.mark.parametrize("setting", [("sqlite_query_only", "1"), ("disk_evil", 1), ("count", "many")])
+def test_a_cache_with_settings_diskcache_would_act_on_is_refused(
+    api: ScriptedAPI, tmp_path: Path, setting: tuple[str, Any]
+) -> None:
+    campaign = campaign_with_cache(tmp_path, api)
+    folder = campaign.parent / ".emailpers-cache"
+    assert render(campaign, tmp_path / "warm").exit_code == 0
+    with sqlite3.connect(folder / "cache.db") as db:
+        db.execute("INSERT OR REPLACE INTO Settings VALUES (?, ?)", setting)
+
+    result = render(campaign, tmp_path / "out")
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {folder}: the response cache cannot be used (")
+    assert result.stderr.count("\n") == 1
+
+
+def test_the_credential_identity_is_an_hmac_never_the_secret() -> None:
+    def oauth(client_id: str, secret: str) -> Auth:
+        return Auth("oauth2", token_url="https://auth.example/token", client_id=client_id, client_secret=secret)
+
+    bearer = request_identity({}, Auth("bearer", secret="s3cr3t-value"))
+
+    assert "s3cr3t-value" not in bearer
+    assert bearer != request_identity({}, Auth("bearer", secret="other-value")) != request_identity({}, None)
+    assert request_identity({}, oauth("client-a", "x")) == request_identity({}, oauth("client-a", "x"))
+    assert request_identity({}, oauth("client-a", "x")) != request_identity({}, oauth("client-b", "x"))
+    assert request_identity({"X-Tenant": "a"}, None) == request_identity({"x-tenant": "a"}, None)
+    assert request_identity({"X-Tenant": "a"}, None) != request_identity({"X-Tenant": "b"}, None)

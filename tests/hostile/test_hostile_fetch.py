@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,10 @@ import pytest
 from conftest import ScriptedAPI, eml_of, manifest, parts, render, source, write_campaign
 
 from emailpers.campaign import load_campaign
+from emailpers.errors import AuthFailed
+from emailpers.http import HttpClient, Response
 from emailpers.pipeline import make_client
-from emailpers.sources import MAX_JSON_VALUES, Fetcher
+from emailpers.sources import MAX_JSON_VALUES, Fetched, Fetcher
 
 CART = "/users/{{ id }}/cart"
 
@@ -345,3 +347,37 @@ def test_sources_with_the_same_url_but_other_headers_or_credentials_never_share_
     for expected in ["plain=-|-", "tenant_a=a|-", "tenant_b=b|-", "token_a=-|Bearer secret-a", "token_b=-|Bearer secret-b"]:
         assert f"<p>{expected}</p>" in html
     assert api.count("/users/r1/cart") == 5
+
+
+# -- whatever else goes wrong ------------------------------------------------------------------------
+
+
+class Exploding(HttpClient):
+    """What cannot be made real: an exception no one foresaw, from deep in the fetch."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(max_connections=4)
+        self.exc = exc
+
+    async def get(self, url: str, headers: Mapping[str, str], *, max_bytes: int) -> Response:
+        await asyncio.sleep(0.01)  # long enough for a second recipient to wait on this request
+        raise self.exc
+
+
+def test_any_unexpected_exception_is_an_error_for_that_recipient_but_auth_failures_stop_the_run(
+    tmp_path: Path,
+) -> None:
+    campaign = load_campaign(one_source(tmp_path, "http://127.0.0.1:9"))
+
+    async def fetch_twice(exc: Exception) -> list[Fetched]:
+        async with Exploding(exc) as client:
+            fetcher = Fetcher(campaign, client, None)
+            same = {"id": "r1"}  # the second one waits on the first's request (dedupe)
+            return list(await asyncio.gather(fetcher.fetch("shop", same), fetcher.fetch("shop", same)))
+
+    first, waiter = asyncio.run(fetch_twice(ZeroDivisionError("x")))
+
+    assert (first.outcome, first.error) == ("error", "unexpected error: ZeroDivisionError")
+    assert (waiter.outcome, waiter.error) == ("error", "unexpected error: ZeroDivisionError")
+    with pytest.raises(AuthFailed):
+        asyncio.run(fetch_twice(AuthFailed("[auth.shop] token_url: refused")))
