@@ -289,14 +289,14 @@ class _Answer:
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
-def json_values(body: bytes) -> int:
+def json_values(body: bytes, cap: int) -> int:
     """How many values (objects, arrays, scalars) a JSON text holds, counted at
     C speed: each value but the first follows a `[`, `{` (a pair) or `,`,
     outside strings; an empty `{}` or `[]` holds none. The count over the whole
-    text is an upper bound; only when it passes the cap are strings cut out
+    text is an upper bound; only when it passes `cap` are strings cut out
     for the exact count (compact JSON; spaces inside `{ }` only count more)."""
     rough = body.count(b",") + body.count(b"{") + body.count(b"[") + 1
-    if rough <= MAX_JSON_VALUES:
+    if rough <= cap:
         return rough
     bare = _JSON_STRING.sub(b"", body)
     return bare.count(b",") + bare.count(b"{") + bare.count(b"[") + 1 - bare.count(b"{}") - bare.count(b"[]")
@@ -305,7 +305,7 @@ def json_values(body: bytes) -> int:
 def decode_json(body: bytes, status: int, max_values: int) -> Any:
     """A response body as JSON, refused (BadResponse) when it is not JSON,
     nests too deep for the parser, or holds more than `max_values` values."""
-    if json_values(body) > max_values:
+    if json_values(body, max_values) > max_values:
         raise BadResponse(f"HTTP {status} but the body holds more than {max_values} JSON values", status)
     try:
         return json.loads(body)
@@ -410,7 +410,7 @@ class Fetcher:
         try:
             url = runtime.url.render(fields)
         except jinja2.UndefinedError as exc:
-            return self._count(stats, Fetched("error", error=f"url: {exc}"))
+            return self._count(stats, Fetched("error", error=f"cannot build the url: {exc}"))
         key = cache_key("GET", url, runtime.identity)
         cached = self.cache.get(key) if self.cache is not None and runtime.source.cache_ttl > 0 else None
         if cached is not None and cached.is_fresh(self.wall_clock()):
@@ -491,7 +491,7 @@ class Fetcher:
             return [replace(result, outcome="error", data=None, error=f"batch response has no list: {batch.items!r}")] * len(ids)
         index = {str(item.get(batch.key)): item for item in items if isinstance(item, dict)}
         return [
-            replace(result, data=index[rid])
+            replace(result, data=index[rid], size=result.size // len(ids))
             if rid in index
             else replace(result, outcome="error", data=None, error=f"missing from the batch response: id {rid}")
             for rid in ids
