@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import diskcache
 
+from emailpers import jsondata
 from emailpers.errors import CacheError
 
 if TYPE_CHECKING:
@@ -107,9 +108,9 @@ class Entry:
         """The entry in `raw`, or None for anything that is not one of ours."""
         if not isinstance(raw, bytes):
             return None
-        try:
-            record = json.loads(raw)
-        except (ValueError, RecursionError):
+        try:  # within the limits of a live answer, plus the record around it
+            record = jsondata.load(raw, jsondata.MAX_VALUES + 6, jsondata.MAX_DEPTH + 1)
+        except jsondata.Refused:
             return None
         if not isinstance(record, dict) or set(record) != {"data", "stored_at", "fresh_for", "source", "url"}:
             return None
@@ -165,7 +166,8 @@ def _unusable(directory: Path, problem: str) -> CacheError:
 def _check_folder(directory: Path) -> None:
     """Refuse, before diskcache touches it, a folder that is no cache of ours:
     not a directory, not writable, not a database, locked by another process,
-    or with settings diskcache does not have (it runs `sqlite_*` ones as PRAGMAs)."""
+    or with settings diskcache does not have (it runs `sqlite_*` ones as PRAGMAs)
+    or counters that are no integers."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -182,7 +184,7 @@ def _check_folder(directory: Path) -> None:
         try:
             connection.execute("BEGIN IMMEDIATE")  # waits at most LOCK_TIMEOUT for a writer
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            settings = connection.execute("SELECT key FROM Settings").fetchall() if "Settings" in tables else []
+            settings = connection.execute("SELECT key, value FROM Settings").fetchall() if "Settings" in tables else []
             connection.execute("ROLLBACK")
         finally:
             connection.close()
@@ -192,7 +194,10 @@ def _check_folder(directory: Path) -> None:
         raise _unusable(directory, f"{database.name}: {exc}") from None
     except sqlite3.DatabaseError as exc:
         raise _unusable(directory, f"{database.name} is damaged: {exc}") from None
-    unknown = sorted(str(key) for (key,) in settings if key not in _SETTINGS and key not in diskcache.core.METADATA)
+    unknown = sorted(
+        str(key) for key, value in settings
+        if key not in _SETTINGS and (key not in diskcache.core.METADATA or type(value) is not int)
+    )  # fmt: skip
     if unknown:
         raise _unusable(directory, f"its settings were not written by emailpers: {', '.join(unknown)}")
 

@@ -30,6 +30,7 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from emailpers import jsondata
 from emailpers.batching import Batcher
 from emailpers.cache import ResponseCache, cache_key, request_identity
 from emailpers.campaign import Auth, Campaign, Source
@@ -47,16 +48,6 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
 _ANSWERED_MAX = 4096  # live answers kept per run for request dedupe (least recently used go)
 _ANSWERED_BYTES = 16 * 2**20  # ... and their bodies' bytes together: decoded, they take 4-24x that
-# JSON values (objects, arrays, scalars) a response may hold per recipient it
-# serves. Decoded, a value takes 30-70 bytes: 1 MiB of `[{},{},...]` became
-# 24 MiB, and 64 such recipients in flight 2 GB. With the cap, one response
-# decodes to at most a few MiB, so memory is bounded by what is in flight.
-MAX_JSON_VALUES = 50_000
-# Levels of nesting a response may have. Everything downstream that walks the
-# data recursively (pickling it to a render process, json.dumps into the cache,
-# templates) must stay far from Python's recursion limit: at 900 levels, pickling
-# for the render processes stopped the run.
-MAX_JSON_DEPTH = 64
 _ERROR_KINDS_MAX = 32  # distinct error kinds counted per source; the rest count as "other"
 _ASCII_DIGITS = re.compile(r"[0-9]+")
 
@@ -291,60 +282,12 @@ class _Answer:
     size: int
 
 
-_STRUCTURE = bytes(c if c in b'"[]{},' else ord("0") for c in range(256))
-_NOT_BRACKETS = bytes(c for c in range(256) if c not in b'"[]{}')
-
-
-def _outside_strings(body: bytes, table: bytes | None, delete: bytes, glue: bytes) -> bytes:
-    """A JSON text translated (`bytes.translate`) with its strings replaced by
-    `glue`, at C speed: escaped backslashes and quotes go first, so every
-    quote left opens or closes a string."""
-    text = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(table, delete)
-    return glue.join(text.split(b'"')[::2])
-
-
-def json_values(body: bytes, cap: int) -> int:
-    """How many values (objects, arrays, scalars) a JSON text holds, counted at
-    C speed: each value but the first follows a `[`, `{` (a pair) or `,`,
-    outside strings; an empty `{}` or `[]` holds none. The count over the whole
-    text is an upper bound; only when it passes `cap` is the exact count made
-    (with everything but structure, strings included, reduced to `0`)."""
-    rough = body.count(b",") + body.count(b"{") + body.count(b"[") + 1
-    if rough <= cap:
-        return rough
-    bare = _outside_strings(body, _STRUCTURE, b" \t\r\n", b"0")
-    return bare.count(b",") + bare.count(b"{") + bare.count(b"[") + 1 - bare.count(b"{}") - bare.count(b"[]")
-
-
-def nests_deeper(body: bytes, depth: int) -> bool:
-    """Whether a JSON text nests more than `depth` levels, at C speed: with
-    all but the brackets outside strings cut out, each pass drops the
-    innermost `[]` and `{}` pairs, so the passes it takes to empty them are
-    the depth."""
-    if body.count(b"[") + body.count(b"{") <= depth:
-        return False
-    brackets = _outside_strings(body, None, _NOT_BRACKETS, b"")
-    for _ in range(depth):
-        inner = brackets.replace(b"[]", b"").replace(b"{}", b"")
-        if len(inner) == len(brackets):  # empty, or unbalanced: then not JSON, json.loads says so
-            return False
-        brackets = inner
-    return bool(brackets)
-
-
 def decode_json(body: bytes, status: int, max_values: int) -> Any:
-    """A response body as JSON, refused (BadResponse) when it is not JSON,
-    holds more than `max_values` values or nests deeper than MAX_JSON_DEPTH."""
-    if json_values(body, max_values) > max_values:
-        raise BadResponse(f"HTTP {status} but the body holds more than {max_values} JSON values", status)
-    if nests_deeper(body, MAX_JSON_DEPTH):
-        raise BadResponse(f"HTTP {status} but the JSON nests deeper than {MAX_JSON_DEPTH} levels", status)
+    """A response body as JSON within the limits of `jsondata.load`."""
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadResponse(f"HTTP {status} but the body is not JSON", status) from None
-    except RecursionError:
-        raise BadResponse(f"HTTP {status} but the JSON nests too deep", status) from None
+        return jsondata.load(body, max_values)
+    except jsondata.Refused as exc:
+        raise BadResponse(f"HTTP {status} but the body {exc}", status) from None
 
 
 def error_kind(error: str) -> str:
@@ -614,7 +557,7 @@ class Fetcher:
             raise BadResponse(f"HTTP {status} redirect not followed; set follow_redirects = true", status)
         if not 200 <= status < 300:
             raise BadResponse(f"HTTP {status}", status)
-        data = decode_json(response.body, status, MAX_JSON_VALUES * recipients)
+        data = decode_json(response.body, status, jsondata.MAX_VALUES * recipients)
         return _Answer(data, status, response.headers.get("cache-control"), len(response.body))
 
     async def _send(

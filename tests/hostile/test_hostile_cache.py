@@ -82,18 +82,48 @@ def test_a_planted_cache_never_runs_code_in_render_or_cache_stats(api: ScriptedA
     assert cleared.exit_code == 0, cleared.output
 
 
-def test_an_entry_that_does_not_parse_is_a_miss(api: ScriptedAPI, tmp_path: Path) -> None:
+def entry(data: bytes, stored_at: bytes = b"1e12") -> bytes:
+    return b'{"data": %s, "stored_at": %s, "fresh_for": 600, "source": "shop", "url": "u"}' % (data, stored_at)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        entry(b'{"products": ["Forged"]}')[:-1],  # truncated
+        entry(b'{"products": ["Forged"]}', stored_at=b'"now"'),
+        entry(b'{"products": ["Forged"], "deep": ' + b"[" * 900 + b"]" * 900 + b"}"),  # stopped the run in pickle
+        entry(b'{"products": ["Forged"], "many": [' + b",".join([b"{}"] * 60_000) + b"]}"),
+    ],
+    ids=["truncated", "no-time", "nested-900", "60k-values"],
+)
+def test_an_entry_that_does_not_parse_or_passes_the_limits_is_a_miss(
+    api: ScriptedAPI, tmp_path: Path, value: bytes
+) -> None:
     campaign = campaign_with_cache(tmp_path, api)
     folder = campaign.parent / ".emailpers-cache"
     assert render(campaign, tmp_path / "warm").exit_code == 0
     with sqlite3.connect(folder / "cache.db") as db:
-        db.execute("UPDATE Cache SET value = ?", (b'{"data": {"products": ["Forged"]}, "stored_at": "now"',))
+        db.execute("UPDATE Cache SET value = ?", (value,))
 
-    result = render(campaign, tmp_path / "out")
+    result = render(campaign, tmp_path / "out", workers=1)
 
     assert result.exit_code == 0, result.output
     assert manifest(tmp_path / "out")["r1"]["sources"]["shop"]["outcome"] == "live"
     assert api.count("/users/r1/cart") == 2
+
+
+def test_an_entry_of_ours_is_read_back(api: ScriptedAPI, tmp_path: Path) -> None:
+    campaign = campaign_with_cache(tmp_path, api)
+    folder = campaign.parent / ".emailpers-cache"
+    assert render(campaign, tmp_path / "warm").exit_code == 0
+    with sqlite3.connect(folder / "cache.db") as db:
+        db.execute("UPDATE Cache SET value = ?", (entry(b'{"products": ["From the cache"]}'),))
+
+    result = render(campaign, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    assert manifest(tmp_path / "out")["r1"]["sources"]["shop"]["outcome"] == "cache"
+    assert "<p>Cart: From the cache</p>" in parts(eml_of(tmp_path / "out", manifest(tmp_path / "out")["r1"]))["html"]
 
 
 def test_a_row_naming_a_file_outside_the_folder_never_deletes_it(api: ScriptedAPI, tmp_path: Path) -> None:
@@ -239,7 +269,9 @@ def test_a_shared_cache_dir_never_gives_one_campaigns_answers_to_another(
     assert manifest(tmp_path / "out-b")["r1"]["sources"]["shop"]["outcome"] == "live"
 
 
-@pytest.mark.parametrize("setting", [("sqlite_query_only", "1"), ("disk_evil", 1), ("count", "many")])
+@pytest.mark.parametrize(
+    "setting", [("sqlite_query_only", "1"), ("disk_evil", 1), ("count", "many"), ("size", "large")]
+)
 def test_a_cache_with_settings_diskcache_would_act_on_is_refused(
     api: ScriptedAPI, tmp_path: Path, setting: tuple[str, Any]
 ) -> None:
@@ -249,11 +281,12 @@ def test_a_cache_with_settings_diskcache_would_act_on_is_refused(
     with sqlite3.connect(folder / "cache.db") as db:
         db.execute("INSERT OR REPLACE INTO Settings VALUES (?, ?)", setting)
 
-    result = render(campaign, tmp_path / "out")
+    results = [render(campaign, tmp_path / "out"), invoke("cache", "stats", campaign)]
 
-    assert result.exit_code == 1
-    assert result.stderr.startswith(f"Error: {folder}: the response cache cannot be used (")
-    assert result.stderr.count("\n") == 1
+    for result in results:
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"Error: {folder}: the response cache cannot be used (")
+        assert result.stderr.count("\n") == 1
 
 
 def test_the_credential_identity_is_an_hmac_never_the_secret() -> None:

@@ -23,8 +23,9 @@ from conftest import ScriptedAPI, eml_of, manifest, parts, render, source, write
 from emailpers.campaign import load_campaign
 from emailpers.errors import AuthFailed
 from emailpers.http import HttpClient, Response
+from emailpers.jsondata import MAX_VALUES
 from emailpers.pipeline import make_client
-from emailpers.sources import MAX_JSON_VALUES, Fetched, Fetcher
+from emailpers.sources import Fetched, Fetcher
 
 CART = "/users/{{ id }}/cart"
 
@@ -193,7 +194,7 @@ def test_json_nested_too_deep_is_an_error_for_that_recipient(api: ScriptedAPI, t
 
     assert result.exit_code == 0, result.output
     assert (shop(tmp_path / "out")["outcome"], shop(tmp_path / "out")["error"]) == (
-        "error", "HTTP 200 but the JSON nests deeper than 64 levels"
+        "error", "HTTP 200 but the body nests deeper than 64 levels"
     )
     assert manifest(tmp_path / "out")["r2"]["status"] == "rendered"
 
@@ -279,13 +280,13 @@ def test_a_response_with_too_many_json_values_is_an_error_for_that_recipient(
     api: ScriptedAPI, tmp_path: Path
 ) -> None:
     api.serve("/users/r1/cart", b"[" + b",".join([b"{}"] * (2**20 // 3)) + b"]")  # 1 MiB: 24 MiB decoded
-    api.serve("/users/r2/cart", {"products": ["Desk Lamp"], "pad": "{[," * 2 * MAX_JSON_VALUES})  # in a string
+    api.serve("/users/r2/cart", {"products": ["Desk Lamp"], "pad": "{[," * 2 * MAX_VALUES})  # in a string
     campaign = one_source(tmp_path, api.url, recipients=2)
 
     result = render(campaign, tmp_path / "out")
 
     assert result.exit_code == 0, result.output
-    assert shop(tmp_path / "out")["error"] == f"HTTP 200 but the body holds more than {MAX_JSON_VALUES} JSON values"
+    assert shop(tmp_path / "out")["error"] == f"HTTP 200 but the body holds more than {MAX_VALUES} JSON values"
     assert shop(tmp_path / "out", "r2")["outcome"] == "live"
 
 
