@@ -52,6 +52,9 @@ class BadBody(Exception):
 class BodyTooLarge(BadBody):
     """The response body passed the caller's limit; reading stopped there."""
 
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"response larger than max_bytes ({limit} bytes)")
+
 
 class _Body:
     """A response body as it arrives, decoded, never more than `limit` bytes
@@ -71,20 +74,19 @@ class _Body:
         elif self._mode not in (None, "deflate"):
             raise BadBody(f"unsupported Content-Encoding: {encoding[:40]!r}")
 
-    def _too_large(self) -> BodyTooLarge:
-        return BodyTooLarge(f"response larger than max_bytes ({self.limit} bytes)")
-
     def _keep(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.limit:
-            raise self._too_large()
+            raise BodyTooLarge(self.limit)
         if data:
             self.parts.append(data)
 
     def feed(self, chunk: bytes) -> None:
         self.wire += len(chunk)
         if self.wire > self.limit:
-            raise self._too_large()
+            raise BodyTooLarge(self.limit)
+        if not chunk:
+            return
         if self._mode is None:
             self._keep(chunk)
             return
@@ -150,7 +152,7 @@ class HttpClient:
         ) as response:
             length = response.content_length
             if length is not None and length > max_bytes:
-                raise BodyTooLarge(f"response larger than max_bytes ({max_bytes} bytes)")
+                raise BodyTooLarge(max_bytes)
             body = _Body(response.headers.get("Content-Encoding", ""), max_bytes)
             async for chunk in response.content.iter_chunked(_READ_CHUNK):
                 body.feed(chunk)
