@@ -165,7 +165,8 @@ def _unusable(directory: Path, problem: str) -> CacheError:
 
 def _check_folder(directory: Path) -> None:
     """Refuse, before diskcache touches it, a folder that is no cache of ours:
-    not a directory, not writable, not a database, locked by another process,
+    not a directory, not writable, not a database (or a symbolic link to one
+    elsewhere), locked by another process,
     or with settings diskcache does not have (it runs `sqlite_*` ones as PRAGMAs)
     or counters that are no integers."""
     try:
@@ -173,6 +174,9 @@ def _check_folder(directory: Path) -> None:
     except OSError as exc:
         raise _unusable(directory, f"cannot create it: {exc.strerror or exc}") from None
     database = directory / diskcache.core.DBNAME
+    for path in (database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
+        if path.is_symlink():  # SQLite would write its pages wherever it points
+            raise _unusable(directory, f"{path.name} is a symbolic link")
     if not os.access(directory, os.W_OK | os.X_OK) or (database.exists() and not os.access(database, os.R_OK | os.W_OK)):
         raise _unusable(directory, "not writable")
     if not database.exists():

@@ -179,6 +179,27 @@ def test_a_damaged_cache_database_stops_every_command_with_one_clear_error(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["cache.db", "cache.db-wal"])
+def test_a_cache_database_that_links_elsewhere_is_refused(api: ScriptedAPI, tmp_path: Path, name: str) -> None:
+    campaign = campaign_with_cache(tmp_path, api)
+    folder = campaign.parent / ".emailpers-cache"
+    folder.mkdir()
+    victim = tmp_path / "someone-elses.db"
+    with sqlite3.connect(victim) as db:
+        db.execute("CREATE TABLE mine (x)")
+    if name != "cache.db":
+        with sqlite3.connect(folder / "cache.db") as db:
+            db.execute("CREATE TABLE Settings (key TEXT NOT NULL UNIQUE, value)")
+    (folder / name).symlink_to(victim)
+    before = victim.read_bytes()
+
+    result = render(campaign, tmp_path / "out")
+
+    assert result.exit_code == 1
+    assert result.stderr == unusable(folder, f"{name} is a symbolic link")
+    assert victim.read_bytes() == before and api.count() == 0
+
+
 def test_a_cache_locked_by_another_process_is_a_clear_error_not_a_long_wait(
     api: ScriptedAPI, tmp_path: Path
 ) -> None:
