@@ -140,7 +140,7 @@ def _statuses(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 _cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="EMAILPERS_CACHE_DIR", show_envvar=True,
     help="Response cache folder [default: .emailpers-cache next to the campaign file].",
 )
 

@@ -4,6 +4,7 @@
     ├── CampaignError              the run cannot start: campaign file, templates, env vars (exit 1)
     │   └── RecipientListError     the recipient list as a whole is unusable (found before any request)
     ├── OutputError                the output folder cannot be used, or the disk refused a write (exit 1)
+    ├── CacheError                 the cache folder cannot be used (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
     ├── TooManyFailures            --max-failures recipients failed; the run stopped (exit 3)
@@ -43,6 +44,10 @@ class RecipientListError(CampaignError):
 
 class OutputError(EmailpersError):
     """The output folder cannot be written or its manifest cannot be read."""
+
+
+class CacheError(EmailpersError):
+    """The response cache folder cannot be opened: not writable, damaged, locked."""
 
 
 class AuthFailed(EmailpersError):

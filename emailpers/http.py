@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import quote
 
 import aiohttp
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from emailpers import __version__
@@ -37,8 +38,76 @@ USER_AGENT = f"emailpers/{__version__}"
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%~-._"
 
 
-class BodyTooLarge(Exception):
+# The encodings _Body can decode, each with a bounded output; aiohttp's own
+# decompression inflates a whole network chunk at once (~1000x for a gzip bomb)
+# and, with a Content-Length, the whole body, blocking the event loop.
+ACCEPT_ENCODING = "gzip, deflate"
+_READ_CHUNK = 64 * 1024
+
+
+class BadBody(Exception):
+    """The response body cannot be used: too large, or encoded in a way we
+    cannot (or, broken, could not) decode."""
+
+
+class BodyTooLarge(BadBody):
     """The response body passed the caller's limit; reading stopped there."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"response larger than max_bytes ({limit} bytes)")
+
+
+class _Body:
+    """A response body as it arrives, decoded, never more than `limit` bytes
+    on the wire nor after decoding: a gzip bomb stops at limit + 1 bytes of
+    output, whatever its Content-Length said."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.limit = limit
+        self.wire = 0
+        self.size = 0
+        self.parts: list[bytes] = []
+        name = encoding.strip().lower()
+        self._mode: str | None = None if name in ("", "identity") else name
+        self._inflater: zlib._Decompress | None = None
+        if name in ("gzip", "x-gzip"):
+            self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif self._mode not in (None, "deflate"):
+            raise BadBody(f"unsupported Content-Encoding: {encoding[:40]!r}")
+
+    def _keep(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise BodyTooLarge(self.limit)
+        if data:
+            self.parts.append(data)
+
+    def feed(self, chunk: bytes) -> None:
+        self.wire += len(chunk)
+        if self.wire > self.limit:
+            raise BodyTooLarge(self.limit)
+        if not chunk:
+            return
+        if self._mode is None:
+            self._keep(chunk)
+            return
+        if self._inflater is None:
+            # "deflate" is zlib-wrapped by the standard, raw deflate by some
+            # servers: a zlib stream starts with the method nibble 8.
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS if chunk[0] & 0x0F == 8 else -zlib.MAX_WBITS)
+        try:
+            while chunk and not self._inflater.eof:
+                self._keep(self._inflater.decompress(chunk, self.limit - self.size + 1))
+                chunk = self._inflater.unconsumed_tail
+        except zlib.error:
+            raise BadBody(f"the {self._mode} body is corrupt") from None
+
+    def finish(self) -> bytes:
+        if self._mode is not None and (self._inflater is None or not self._inflater.eof):
+            if self.wire == 0:
+                return b""
+            raise BadBody(f"the {self._mode} body is truncated")
+        return b"".join(self.parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,23 +157,21 @@ class HttpClient:
         return self._session
 
     async def get(self, url: str, headers: Mapping[str, str], *, max_bytes: int) -> Response:
-        """GET without following redirects; raises aiohttp.ClientError,
-        BodyTooLarge. The body is read whole, up to `max_bytes`."""
-        async with self._open().get(_url(url), headers=headers, allow_redirects=False) as response:
+        """GET without following redirects; raises aiohttp.ClientError, BadBody
+        (BodyTooLarge). The body is read whole and decoded, up to `max_bytes`
+        on the wire and after decoding, whatever the headers announce."""
+        request_headers = CIMultiDict(headers)
+        request_headers.setdefault("Accept-Encoding", ACCEPT_ENCODING)
+        async with self._open().get(
+            _url(url), headers=request_headers, allow_redirects=False, auto_decompress=False
+        ) as response:
             length = response.content_length
             if length is not None and length > max_bytes:
-                raise BodyTooLarge(f"response larger than max_bytes ({max_bytes} bytes)")
-            if length is not None:
-                body = await response.read()
-            else:
-                chunks, size = [], 0
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise BodyTooLarge(f"response larger than max_bytes ({max_bytes} bytes)")
-                    chunks.append(chunk)
-                body = b"".join(chunks)
-            return Response(response.status, response.headers, body)
+                raise BodyTooLarge(max_bytes)
+            body = _Body(response.headers.get("Content-Encoding", ""), max_bytes)
+            async for chunk in response.content.iter_chunked(_READ_CHUNK):
+                body.feed(chunk)
+            return Response(response.status, response.headers, body.finish())
 
     async def post(
         self,

@@ -164,12 +164,13 @@ class Run:
         cache = pool = None
         running = False  # past the checks that keep a run from starting: from here on, a report
         try:
+            if self.options.use_cache or self.options.offline:
+                # First: an unusable cache folder stops the run before --fresh clears anything.
+                cache = ResponseCache(cache_directory(self.campaign, self.options))
             if out is not None and self.job is not None:
                 files = campaign_files(self.campaign, self.job.renderer.template_files)
                 run = fingerprint(self.campaign.root, files, self.options.formats)
                 self.manifest = Manifest(out, fresh=self.options.fresh, run=run, redo=self.options.redo)
-            if self.options.use_cache or self.options.offline:
-                cache = ResponseCache(cache_directory(self.campaign, self.options))
             pool = self._pool()
             running = True
             asyncio.run(self._run(cache, pool))

@@ -4,14 +4,14 @@ dedupe, rate limits and batching. One `Fetcher` per run.
 Every fetch ends in a `Fetched` value, never an exception: a source that is
 late, down or returns garbage is an outcome for that recipient, and rendering
 decides what to do with it. The exceptions that do escape are the ones that
-should stop the run (the OAuth token endpoint refusing us).
+should stop the run (the OAuth token endpoint refusing us, cancellation);
+any other exception while fetching is that recipient's `error` outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import random
 import re
 import time
@@ -28,22 +28,27 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from emailpers import jsondata
 from emailpers.auth import TokenProvider, static_auth_headers
 from emailpers.batching import Batcher
-from emailpers.cache import ResponseCache, cache_key
+from emailpers.cache import ResponseCache, cache_key, request_identity
 from emailpers.campaign import Auth, Campaign, Source
 from emailpers.errors import (
+    AuthFailed,
     BadResponse,
     FetchTimeout,
     SourceError,
     TransientError,
 )
-from emailpers.http import BodyTooLarge, HttpClient, Response
+from emailpers.http import BadBody, HttpClient, Response
 
 OK_OUTCOMES = frozenset({"live", "cache", "stale"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
 _ANSWERED_MAX = 4096  # live answers kept per run for request dedupe (least recently used go)
+_ANSWERED_BYTES = 16 * 2**20  # ... and their bodies' bytes together: decoded, they take 4-24x that
+_ERROR_KINDS_MAX = 32  # distinct error kinds counted per source; the rest count as "other"
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(slots=True)
@@ -57,6 +62,7 @@ class Fetched:
     status_code: int | None = None
     error: str | None = None
     shared: bool = False  # answered by another recipient's identical request
+    size: int = 0  # bytes of the response body
     storable: bool = True  # Cache-Control allows caching
     max_age: float | None = None  # Cache-Control max-age
 
@@ -169,15 +175,12 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _ASCII_DIGITS.fullmatch(value):  # not str.isdigit(): '²' and '①' are digits to it
         return float(value)
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError, OverflowError, OSError, IndexError):
         return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 def parse_max_age(value: str | None) -> tuple[bool, float | None]:
@@ -189,8 +192,8 @@ def parse_max_age(value: str | None) -> tuple[bool, float | None]:
         name, _, arg = part.strip().partition("=")
         if name in ("no-store", "no-cache", "private"):
             storable = False
-        elif name in ("max-age", "s-maxage") and arg.strip().strip('"').isdigit():
-            age = float(arg.strip().strip('"'))
+        elif name in ("max-age", "s-maxage") and _ASCII_DIGITS.fullmatch(arg := arg.strip().strip('"')):
+            age = float(arg)
             max_age = age if max_age is None else min(max_age, age)
     return storable, max_age
 
@@ -203,6 +206,22 @@ class _Answer:
     data: Any
     status_code: int
     cache_control: str | None
+    size: int
+
+
+def decode_json(body: bytes, status: int, max_values: int) -> Any:
+    """A response body as JSON within the limits of `jsondata.load`."""
+    try:
+        return jsondata.load(body, max_values)
+    except jsondata.Refused as exc:
+        raise BadResponse(f"HTTP {status} but the body {exc}", status) from None
+
+
+def error_kind(error: str) -> str:
+    """A recipient's error text as a counter key: what went wrong, not the
+    details after a colon (a URL, a recipient id, an exception text), which
+    the API or the data control."""
+    return error.partition(":")[0].strip()[:80]
 
 
 class _SourceRuntime:
@@ -213,6 +232,7 @@ class _SourceRuntime:
         self.url = UrlTemplate(source.url, env)
         self.batch_url = env.from_string(source.batch.url) if source.batch else None
         self.headers = {**source.headers, **static_auth_headers(source.auth)}
+        self.identity = request_identity(source.headers, source.auth)
         self.token = fetcher.token_provider(source.auth) if source.auth and source.auth.kind == "oauth2" else None
         if self.token is not None and source.base_url_from is not None:
             self.token.base_fields.add(source.base_url_from)
@@ -263,6 +283,7 @@ class Fetcher:
         self.sources = {name: _SourceRuntime(s, env, self) for name, s in campaign.sources.items()}
         self._inflight: dict[str, asyncio.Future[Fetched]] = {}
         self._answered: OrderedDict[str, Fetched] = OrderedDict()
+        self._answered_bytes = 0
 
     def token_provider(self, auth: Auth) -> TokenProvider:
         # Keyed by the whole configuration: an [auth.X] table and a source X
@@ -286,19 +307,29 @@ class Fetcher:
         return dict(zip(names, results, strict=True))
 
     async def fetch(self, name: str, fields: dict[str, Any]) -> Fetched:
-        runtime = self.sources[name]
+        """One source for one recipient. Only AuthFailed and cancellation
+        escape: anything else that goes wrong (a parser's RecursionError, a
+        header no one foresaw) is this recipient's error, and its fallback."""
+        try:
+            return await self._fetch(self.sources[name], fields)
+        except AuthFailed:
+            raise
+        except Exception as exc:
+            return self._count(self.sources[name].stats, Fetched("error", error=f"unexpected error: {type(exc).__name__}"))
+
+    async def _fetch(self, runtime: _SourceRuntime, fields: dict[str, Any]) -> Fetched:
         stats = runtime.stats
         try:
             url = runtime.url.render(fields)
         except jinja2.UndefinedError as exc:
-            return self._count(stats, Fetched("error", error=f"url: {exc}"))
+            return self._count(stats, Fetched("error", error=f"cannot build the url: {exc}"))
         if runtime.source.base_url_from is not None and self.offline:
             # No token request offline, so no base URL and no cache key.
             return Fetched("skipped", error=f"offline: base URL comes from a token ({runtime.source.base_url_from})")
         # `url` is only a path for a base_url_from source: each attempt puts the
         # current token's base before it (_send). The key is on the whole URL.
         final_url = await runtime.absolute(url)
-        key = cache_key("GET", final_url)
+        key = cache_key("GET", final_url, runtime.identity)
         cached = self.cache.get(key) if self.cache is not None and runtime.source.cache_ttl > 0 else None
         if cached is not None and cached.is_fresh(self.wall_clock()):
             stats.cache_hits += 1
@@ -342,13 +373,16 @@ class Fetcher:
         """Recent live answers, so a later recipient asking the same URL in this
         run shares it even when the cache is off or the API said no-store."""
         self._answered[key] = replace(result, shared=True)
-        if len(self._answered) > _ANSWERED_MAX:
-            self._answered.popitem(last=False)
+        self._answered_bytes += result.size
+        while len(self._answered) > _ANSWERED_MAX or self._answered_bytes > _ANSWERED_BYTES:
+            self._answered_bytes -= self._answered.popitem(last=False)[1].size
 
     def _count(self, stats: SourceStats, result: Fetched) -> Fetched:
         if not result.ok and not result.shared:
             stats.errors += 1
-            kind = result.error or result.outcome
+            kind = error_kind(result.error or result.outcome)
+            if kind not in stats.error_kinds and len(stats.error_kinds) >= _ERROR_KINDS_MAX - 1:  # one left for "other"
+                kind = "other"
             stats.error_kinds[kind] = stats.error_kinds.get(kind, 0) + 1
         return result
 
@@ -367,21 +401,21 @@ class Fetcher:
         batch = runtime.source.batch
         assert batch is not None and runtime.batch_url is not None
         runtime.stats.batches += 1
-        result = await self._network(runtime, runtime.batch_url.render(ids=ids), record=True)
+        result = await self._network(runtime, runtime.batch_url.render(ids=ids), record=True, recipients=len(ids))
         if not result.ok:
             return [result] * len(ids)
         items = result.data.get(batch.items) if isinstance(result.data, dict) else None
         if not isinstance(items, list):
-            return [replace(result, outcome="error", data=None, error=f"batch response has no list {batch.items!r}")] * len(ids)
+            return [replace(result, outcome="error", data=None, error=f"batch response has no list: {batch.items!r}")] * len(ids)
         index = {str(item.get(batch.key)): item for item in items if isinstance(item, dict)}
         return [
-            replace(result, data=index[rid])
+            replace(result, data=index[rid], size=result.size // len(ids))
             if rid in index
-            else replace(result, outcome="error", data=None, error=f"id {rid} missing from the batch response")
+            else replace(result, outcome="error", data=None, error=f"missing from the batch response: id {rid}")
             for rid in ids
         ]
 
-    async def _network(self, runtime: _SourceRuntime, url: str, *, record: bool) -> Fetched:
+    async def _network(self, runtime: _SourceRuntime, url: str, *, record: bool, recipients: int = 1) -> Fetched:
         """One logical request with retries, within the source's limits."""
         source, stats = runtime.source, runtime.stats
         started = self.clock()
@@ -406,7 +440,7 @@ class Fetcher:
             if attempts > 1:
                 stats.retries += 1
             try:
-                return await self._attempt(runtime, url)
+                return await self._attempt(runtime, url, recipients)
             except SourceError as exc:
                 last_status = exc.status_code
                 if exc.status_code == 429:
@@ -443,9 +477,11 @@ class Fetcher:
         if record:
             stats.latencies_ms.append(ms)
         storable, max_age = parse_max_age(answer.cache_control)
-        return Fetched("live", answer.data, attempts, ms, answer.status_code, storable=storable, max_age=max_age)
+        return Fetched(
+            "live", answer.data, attempts, ms, answer.status_code, storable=storable, max_age=max_age, size=answer.size
+        )
 
-    async def _attempt(self, runtime: _SourceRuntime, url: str) -> _Answer:
+    async def _attempt(self, runtime: _SourceRuntime, url: str, recipients: int = 1) -> _Answer:
         async with runtime.slots:
             headers = dict(runtime.headers)
             response = await self._send(runtime, url, headers)
@@ -464,11 +500,8 @@ class Fetcher:
             raise BadResponse(f"HTTP {status} redirect not followed; set follow_redirects = true", status)
         if not 200 <= status < 300:
             raise BadResponse(f"HTTP {status}", status)
-        try:
-            data = json.loads(response.body)
-        except (ValueError, UnicodeDecodeError):
-            raise BadResponse(f"HTTP {status} but the body is not JSON", status) from None
-        return _Answer(data, status, response.headers.get("cache-control"))
+        data = decode_json(response.body, status, jsondata.MAX_VALUES * recipients)
+        return _Answer(data, status, response.headers.get("cache-control"), len(response.body))
 
     async def _send(
         self, runtime: _SourceRuntime, url: str, headers: dict[str, str], *, renew_from: str | None = None
@@ -488,7 +521,7 @@ class Fetcher:
                 return await self._get(url, headers, source)
         except TimeoutError:
             raise FetchTimeout(f"no answer within {source.timeout:g}s") from None
-        except BodyTooLarge as exc:
+        except BadBody as exc:
             raise BadResponse(str(exc)) from None
         except aiohttp.ClientError as exc:
             raise TransientError(f"connection failed: {type(exc).__name__}") from None
@@ -504,8 +537,12 @@ class Fetcher:
             location = response.headers.get("location")
             if not location:
                 return response
-            target = urljoin(url, location)
-            if urlsplit(target)[:2] != urlsplit(first)[:2]:
+            try:
+                target = urljoin(url, location)
+                elsewhere = urlsplit(target)[:2] != urlsplit(first)[:2]
+            except ValueError:  # `http://[::1/x`: an unclosed IPv6 bracket
+                raise BadResponse(f"HTTP {response.status} redirect to a malformed Location", response.status) from None
+            if elsewhere:
                 raise BadResponse(f"HTTP {response.status} redirect to another host refused: {target}", response.status)
             url = target
         raise BadResponse(f"more than {_MAX_REDIRECTS} redirects", response.status)
