@@ -27,7 +27,7 @@ import aiohttp
 
 from emailpers.campaign import LOOPBACK_HOSTS, Auth
 from emailpers.errors import AuthFailed
-from emailpers.http import BodyTooLarge, HttpClient
+from emailpers.http import BadBody, BodyTooLarge, HttpClient
 
 TOKEN_MAX_BYTES = 64 * 1024  # a token response is a few KB; a larger one is refused, not read
 TOKEN_TIMEOUT = 10.0  # seconds for one token request
@@ -127,6 +127,8 @@ class TokenProvider:
                 f"{where}: the token endpoint's answer is larger than {TOKEN_MAX_BYTES} bytes; reading stopped there. "
                 "Is token_url the token endpoint?"
             ) from None
+        except BadBody as exc:
+            raise AuthFailed(f"{where}: the token endpoint's answer cannot be read: {exc}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AuthFailed(f"{where}: cannot reach the token endpoint: {type(exc).__name__}: {exc}") from None
         if response.status != 200:

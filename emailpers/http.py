@@ -125,17 +125,15 @@ def _url(url: str) -> URL:
 
 
 async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    """The body, streamed and counted as it is decoded, so neither a false
-    Content-Length nor a compressed body gets past `max_bytes`."""
+    """The body, streamed and decoded as it arrives, so neither a false
+    Content-Length nor a compressed body gets past `max_bytes` (the response
+    must come from a request made with auto_decompress=False)."""
     if response.content_length is not None and response.content_length > max_bytes:
-        raise BodyTooLarge(f"response larger than {max_bytes} bytes")
-    chunks, size = [], 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyTooLarge(f"response larger than {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        raise BodyTooLarge(max_bytes)
+    body = _Body(response.headers.get("Content-Encoding", ""), max_bytes)
+    async for chunk in response.content.iter_chunked(_READ_CHUNK):
+        body.feed(chunk)
+    return body.finish()
 
 
 class HttpClient:
@@ -165,13 +163,7 @@ class HttpClient:
         async with self._open().get(
             _url(url), headers=request_headers, allow_redirects=False, auto_decompress=False
         ) as response:
-            length = response.content_length
-            if length is not None and length > max_bytes:
-                raise BodyTooLarge(max_bytes)
-            body = _Body(response.headers.get("Content-Encoding", ""), max_bytes)
-            async for chunk in response.content.iter_chunked(_READ_CHUNK):
-                body.feed(chunk)
-            return Response(response.status, response.headers, body.finish())
+            return Response(response.status, response.headers, await _read_capped(response, max_bytes))
 
     async def post(
         self,
@@ -192,12 +184,14 @@ class HttpClient:
             headers = {**headers, "Content-Type": "application/json"}
         else:
             data = dict(form) if form is not None else None
+        headers = {"Accept-Encoding": ACCEPT_ENCODING, **headers}
         async with self._open().post(
             _url(url),
             data=data,
             headers=headers,
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=timeout),
+            auto_decompress=False,
         ) as response:
             return Response(response.status, response.headers, await _read_capped(response, max_bytes))
 
