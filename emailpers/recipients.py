@@ -102,3 +102,26 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, fields
     except UnicodeDecodeError as exc:
         raise CampaignError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+
+
+def columns(config: RecipientsConfig) -> tuple[str, ...]:
+    """The fields a recipient may have, for the template name check: the CSV
+    header, or every key any JSONL line has (lines that do not parse are
+    skipped; the run records them as invalid). Minimal on purpose: the
+    pre-flight pass over the list replaces it."""
+    path = config.path
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            if path.suffix == ".csv":
+                return tuple(next(csv.reader(f), []))
+            found: dict[str, None] = {}
+            for line in f:
+                try:
+                    fields = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(fields, dict):
+                    found.update(dict.fromkeys(fields))
+            return tuple(found)
+    except (UnicodeDecodeError, csv.Error):
+        return ()  # reading the rows reports it, with the line
