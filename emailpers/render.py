@@ -28,6 +28,7 @@ from emailpers.campaign import Campaign
 from emailpers.errors import CampaignError, RenderFailed
 from emailpers.sandbox import (
     RENDER_MEMORY,
+    Budget,
     CampaignLoader,
     RenderLimitExceeded,
     Sandbox,
@@ -38,6 +39,7 @@ from emailpers.sandbox import (
 )
 
 _MJML_SUFFIXES = (".mjml", ".mjml.j2")
+MAX_BODY = 10 * 1024 * 1024  # characters of rendered HTML or MJML; Gmail clips an email at 102 KB
 MAX_NESTING = 256  # tags open at once in MJML; mjml-python's process dies near 3,000
 _BUILTINS = frozenset({"recipient", "preheader"})
 
@@ -132,6 +134,19 @@ class Email:
     text: str
     headers: dict[str, str]
     fallback_blocks: list[dict[str, Any]]
+    used_fallback_template: bool
+
+
+@dataclass(frozen=True)
+class _Jinja:
+    """What the templates produced for one recipient, before MJML."""
+
+    subject: str
+    headers: dict[str, str]
+    preheader: str | None
+    body: str
+    text: str | None
+    template: Path
     used_fallback_template: bool
 
 
@@ -269,16 +284,26 @@ class Renderer:
                 exc=SourceUnavailableError,
             )
         try:
+            # The cap covers Jinja only: mjml-python aborts the process on a
+            # failed allocation instead of raising.
             with budget(failures, self.deadline, self.clock) as state, memory_cap():
-                return self._render(context, state)
+                out = self._jinja(context, state)
         except RenderLimitExceeded as exc:
             raise RenderFailed(str(exc)) from None
         except MemoryError:
             raise RenderFailed(
                 f"the template needed more than the render memory cap ({RENDER_MEMORY >> 20} MiB)"
             ) from None
+        body = _CONTROL.sub("", out.body)
+        if len(body) > MAX_BODY:
+            raise RenderFailed(f"the rendered email is {len(body) >> 20} MiB, more than the {MAX_BODY >> 20} MiB limit")
+        html = self._to_html(body, out.template)
+        if out.preheader:
+            html = _insert_preheader(html, _CONTROL.sub("", out.preheader))
+        text = html_to_text(html) if out.text is None else out.text
+        return Email(out.subject, html, text, out.headers, state.fallback_blocks, out.used_fallback_template)
 
-    def _render(self, context: dict[str, Any], state: Any) -> Email:
+    def _jinja(self, context: dict[str, Any], state: Budget) -> _Jinja:
         subject = self._header_value("subject", self.subject, context)
         headers = {k: self._header_value(k, t, context) for k, t in self.headers.items()}
         preheader = self._header_value("preheader", self.preheader, context) if self.preheader else None
@@ -309,13 +334,7 @@ class Renderer:
         except _DATA_ERRORS as exc:
             what = rendering.name if rendering is self.template else f"text_template {rendering.name}"
             raise RenderFailed(f"{what}: {_describe(exc)}") from None
-
-        html = self._to_html(_CONTROL.sub("", body), template)
-        if preheader:
-            html = _insert_preheader(html, _CONTROL.sub("", preheader))
-        if text is None:
-            text = html_to_text(html)
-        return Email(subject, html, text, headers, state.fallback_blocks, used_fallback_template)
+        return _Jinja(subject, headers, preheader, body, text, template, used_fallback_template)
 
     def _run(self, template: jinja2.Template, context: dict[str, Any], what: str) -> str:
         try:
