@@ -257,7 +257,10 @@ class Renderer:
     def _check_names(self, columns: list[str]) -> None:
         known = set(columns) | set(self.campaign.sources) | _BUILTINS | set(self.html_env.globals)
         for parsed in self.parsed:
-            for name in sorted(meta.find_undeclared_variables(parsed.ast) - known):
+            # Jinja counts a name set inside an {% if %} as undeclared (the
+            # branch may not run): a name the template assigns anywhere is its own.
+            assigned = {n.name for n in parsed.ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+            for name in sorted(meta.find_undeclared_variables(parsed.ast) - known - assigned):
                 lineno = next(
                     (n.lineno for n in parsed.ast.find_all(nodes.Name) if n.name == name and n.ctx == "load"), 1
                 )
