@@ -217,7 +217,7 @@ def test_the_text_template_and_the_subject_are_not_escaped(api: ScriptedAPI, tmp
 # -- control characters from the data (item 18) ----------------------------------------
 
 
-@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x00"])
+@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x00"], ids=["VT", "FF", "NUL"])
 def test_control_characters_in_data_neither_break_mjml_nor_reach_a_header(
     api: ScriptedAPI, tmp_path: Path, char: str
 ) -> None:
