@@ -278,7 +278,10 @@ class Renderer:
         says why each other source has none. A null or blank field or answer is
         missing. Raises RenderFailed."""
         failures = {**failures, **{name: "the answer is empty (null)" for name, v in data.items() if is_blank(v)}}
-        context: dict[str, Any] = {k: v for k, v in fields.items() if not is_blank(v)}
+        context: dict[str, Any] = {
+            k: self.html_env.undefined(hint=f"{k!r} is empty (null or blank)", name=k) if is_blank(v) else v
+            for k, v in fields.items()
+        }
         context["recipient"] = fields
         context.update((name, value) for name, value in data.items() if name not in failures)
         for name, why in failures.items():

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import ScriptedAPI, eml_of, manifest, parts, render, source, write_campaign
+
 from emailpers.campaign import load_campaign
 from emailpers.errors import RenderFailed
 from emailpers.render import MAX_NESTING, Renderer
