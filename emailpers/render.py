@@ -360,7 +360,8 @@ class Renderer:
         if not template.name.endswith(_MJML_SUFFIXES):
             return body
         name = self.campaign.template_name(template)
-        depth = nesting_depth(body)
+        # Opening tags bound the depth: the scan only runs when they could pass the cap.
+        depth = nesting_depth(body) if body.count("<") - body.count("</") > MAX_NESTING else 0
         if depth > MAX_NESTING:
             raise RenderFailed(f"{name}: markup nested {depth} deep, more than the {MAX_NESTING} MJML accepts")
         try:
