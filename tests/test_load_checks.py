@@ -38,8 +38,8 @@ def test_unknown_live_source_stops_at_load_with_a_guess(api: ScriptedAPI, tmp_pa
     message = refused(campaign, tmp_path / "out", api)
 
     assert message == (
-        f"{campaign.parent / 'email.html.j2'}:3: {{% live %}} names unknown source 'wether'; "
-        "did you mean 'weather'?; the campaign's sources: shop, weather"
+        f"{campaign.parent / 'email.html.j2'}:3: {{% live %}} names unknown source 'wether' "
+        "(did you mean 'weather'?); the campaign's sources: shop, weather"
     )
 
 
@@ -58,7 +58,7 @@ def test_unknown_name_in_a_template_stops_at_load(api: ScriptedAPI, tmp_path: Pa
 
     assert message == (
         f"{campaign.parent / 'email.html.j2'}:2: {{{{ frist_name }}}} is not a recipient column, a source or a "
-        "built-in; did you mean 'first_name'?; the recipient columns: id, email, first_name"
+        "built-in (did you mean 'first_name'?); the recipient columns: id, email, first_name"
     )
 
 
@@ -69,7 +69,7 @@ def test_unknown_name_from_a_csv_header(tmp_path: Path) -> None:
     message = refused(campaign, tmp_path / "out")
     assert message == (
         f"{campaign}:{line_of(campaign, 'subject')}: [campaign] subject: {{{{ first_name }}}} is not a recipient "
-        "column, a source or a built-in; did you mean 'FirstName'?; the recipient columns: id, email, FirstName"
+        "column, a source or a built-in (did you mean 'FirstName'?); the recipient columns: id, email, FirstName"
     )
 
 
