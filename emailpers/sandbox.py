@@ -153,7 +153,10 @@ class Sandbox(SandboxedEnvironment):
 
     def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         _tick()
-        return super().call(__context, __obj, *args, **kwargs)
+        result = super().call(__context, __obj, *args, **kwargs)
+        if result is None:  # `d.get("x")|default("y")` reads like a missing key
+            return __self.undefined(hint=f"{getattr(__obj, '__name__', 'a call')}() gave null (empty)")
+        return result
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         _tick()

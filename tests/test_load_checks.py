@@ -216,3 +216,16 @@ def test_a_data_error_in_a_header_names_the_header_not_none(tmp_path: Path) -> N
     out = tmp_path / "out"
     assert render(campaign, out).exit_code == 3
     assert manifest(out)["r1"]["error"] == "subject: 'str object' has no attribute 'nope'"
+
+
+def test_a_null_from_a_call_takes_the_default(api: ScriptedAPI, tmp_path: Path) -> None:
+    api.serve("/shop/r1", {"city": None})
+    template = '{% live "shop" %}<p>To {{ shop.get("city")|default("your door") }}</p>{% endlive %}'
+    campaign = write_campaign(tmp_path / "c", template=template, sources={"shop": source(api.url + "/shop/{{ id }}")})
+    out = tmp_path / "out"
+
+    assert render(campaign, out).exit_code == 0
+
+    entry = manifest(out)["r1"]
+    assert entry["status"] == "rendered"
+    assert "<p>To your door</p>" in parts(eml_of(out, entry))["html"]
