@@ -209,7 +209,7 @@ class Renderer:
         """A template, or the text itself when it has no Jinja in it (rendered
         once here rather than once per recipient). Header values render
         without escaping: they are not HTML."""
-        where = f"{self._toml_where(key)}: [campaign] {key}"
+        where = f"{toml_where(self.campaign.path, 'campaign', key)}: [campaign] {key}"
         if "{" not in source:
             if "\n" in source or "\r" in source:
                 raise CampaignError(f"{where}: a header value cannot contain a line break")
@@ -220,19 +220,6 @@ class Renderer:
             return env.template_class.from_code(env, env.compile(source, name=key), env.make_globals(None), None)
         except jinja2.TemplateSyntaxError as exc:
             raise CampaignError(f"{where}: template syntax error: {exc.message}") from None
-
-    def _toml_where(self, key: str) -> str:
-        """`file:line` of a [campaign] key in the campaign file, for messages."""
-        name = key.partition(".")[0]
-        pattern = re.compile(rf"^\s*(\"?){re.escape(name)}\1\s*=")
-        try:
-            lines = self.campaign.path.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            lines = []
-        for number, line in enumerate(lines, start=1):
-            if pattern.match(line):
-                return f"{self.campaign.path}:{number}"
-        return str(self.campaign.path)
 
     def check(self, columns: Iterable[str]) -> None:
         """What the templates cannot be right without, checked before the
@@ -376,6 +363,47 @@ class Renderer:
         if not target.is_relative_to(root) or not target.is_file():
             raise ValueError(f"mj-include {path!r} is not a file inside {root}")
         return target.read_text(encoding="utf-8")
+
+
+_TABLE = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
+
+
+def toml_where(path: Path, table: str, key: str) -> str:
+    """`file:line` of `key` (its part before a dot) in `[table]` of a TOML
+    file, for messages; the file alone when the line cannot be found."""
+    name = key.partition(".")[0]
+    pattern = re.compile(rf"^\s*(\"?){re.escape(name)}\1\s*=")
+    current_table = ""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for number, line in enumerate(lines, start=1):
+        if m := _TABLE.match(line):
+            current_table = m.group(1).replace('"', "").replace(" ", "")
+        elif current_table == table and pattern.match(line):
+            return f"{path}:{number}"
+    return str(path)
+
+
+def check_source_urls(campaign: Campaign, columns: Iterable[str]) -> None:
+    """A source URL may read only recipient columns (a batch URL: `ids`), else
+    every request would fail. Raises CampaignError naming the first unknown name."""
+    columns = list(columns)
+    parser = jinja2.Environment()
+    for name, source in campaign.sources.items():
+        urls = [("url", source.url, set(columns))]
+        if source.batch is not None:
+            urls.append(("batch", source.batch.url, {"ids"}))
+        for key, url, known in urls:
+            ast = parser.parse(url)
+            for unknown in sorted(meta.find_undeclared_variables(ast) - known - set(parser.globals)):
+                what = "url" if key == "url" else "batch url"
+                allowed = f"the recipient columns: {', '.join(columns) or 'none'}" if key == "url" else "it sees only ids"
+                raise CampaignError(
+                    f"{toml_where(campaign.path, f'sources.{name}', key)}: [sources.{name}] {what}: {{{{ {unknown} }}}} "
+                    f"is not a recipient column{_did_you_mean(unknown, known)}; {allowed}"
+                )
 
 
 def _did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -119,6 +119,33 @@ def test_cache_warm_checks_source_urls_too(api: ScriptedAPI, tmp_path: Path) -> 
     assert api.count() == 0
 
 
+@pytest.mark.parametrize("command", ["render", "cache warm"])
+def test_unknown_name_in_a_source_url_stops_at_load(api: ScriptedAPI, tmp_path: Path, command: str) -> None:
+    campaign = write_campaign(tmp_path / "c", sources={"shop": source(api.url + "/s/{{ idd }}")})
+    out = tmp_path / "out"
+    if command == "render":
+        message = refused(campaign, out, api)
+    else:
+        result = invoke("cache", "warm", campaign, "--no-progress")
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+        message = result.stderr[len("Error: ") : -1]
+    assert message == (
+        f"{campaign}:{line_of(campaign, '/s/{{ idd }}')}: [sources.shop] url: {{{{ idd }}}} is not a recipient column "
+        "(did you mean 'id'?); the recipient columns: id, email, first_name"
+    )
+    assert api.count() == 0
+
+
+def test_a_batch_url_sees_only_ids(api: ScriptedAPI, tmp_path: Path) -> None:
+    shop = source(api.url + "/s/{{ id }}", batch={"url": api.url + "/s?ids={{ id|join(',') }}", "items": "i", "key": "id"})
+    campaign = write_campaign(tmp_path / "c", sources={"shop": shop})
+    message = refused(campaign, tmp_path / "out", api)
+    assert message == (
+        f"{campaign}:{line_of(campaign, 'batch')}: [sources.shop] batch url: {{{{ id }}}} is not a recipient column "
+        "(did you mean 'ids'?); it sees only ids"
+    )
+
+
 @pytest.mark.parametrize(
     ("extra", "key", "line", "guess"),
     [
