@@ -242,12 +242,15 @@ class Renderer:
                         )
 
     def _check_names(self, columns: list[str]) -> None:
+        if not columns:
+            return  # an unreadable or empty list: reading it says what is wrong, with the line
         known = set(columns) | set(self.campaign.sources) | _BUILTINS | set(self.html_env.globals)
+        # Jinja counts a name set inside an {% if %} as undeclared (the branch
+        # may not run), and a base template's names reach its children's
+        # blocks: a name any template assigns is the campaign's own.
+        known |= {n.name for p in self.parsed for n in p.ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
         for parsed in self.parsed:
-            # Jinja counts a name set inside an {% if %} as undeclared (the
-            # branch may not run): a name the template assigns anywhere is its own.
-            assigned = {n.name for n in parsed.ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
-            for name in sorted(meta.find_undeclared_variables(parsed.ast) - known - assigned):
+            for name in sorted(meta.find_undeclared_variables(parsed.ast) - known):
                 lineno = next(
                     (n.lineno for n in parsed.ast.find_all(nodes.Name) if n.name == name and n.ctx == "load"), 1
                 )
@@ -390,6 +393,8 @@ def check_source_urls(campaign: Campaign, columns: Iterable[str]) -> None:
     """A source URL may read only recipient columns (a batch URL: `ids`), else
     every request would fail. Raises CampaignError naming the first unknown name."""
     columns = list(columns)
+    if not columns:
+        return  # an unreadable or empty list: reading it says what is wrong, with the line
     parser = jinja2.Environment()
     for name, source in campaign.sources.items():
         urls = [("url", source.url, set(columns))]
