@@ -23,11 +23,11 @@ from typing import Any
 from emailpers.batching import Batcher
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
+from emailpers.checks import check_campaign
 from emailpers.errors import RenderProcessDied, UnhealthySource
 from emailpers.http import HttpClient
 from emailpers.output import REPORT, Done, Manifest, write_atomic
 from emailpers.recipients import Row, columns, read_recipients
-from emailpers.render import check_source_urls
 from emailpers.report import build_report
 from emailpers.sources import Fetched, Fetcher, SourceStats
 from emailpers.worker import Job, RenderJob, Served, init_worker, serve_chunk
@@ -106,10 +106,7 @@ class Run:
         self.progress = progress or (lambda n: None)
         # Built first: it validates every template before anything runs.
         self.job = RenderJob(campaign, options.out, options.formats) if options.out is not None else None
-        names = columns(campaign.recipients)
-        check_source_urls(campaign, names)
-        if self.job is not None:
-            self.job.renderer.check(names)
+        check_campaign(campaign, columns(campaign.recipients), self.job.renderer if self.job else None)
         self.manifest: Manifest | None = None
         self.render_queue: Batcher[Job, Served] | None = None
         self.counts: dict[str, int] = {}

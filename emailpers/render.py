@@ -8,11 +8,10 @@ fallback renders and the block is recorded in the manifest.
 
 from __future__ import annotations
 
-import difflib
 import html as html_lib
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -41,7 +40,6 @@ from emailpers.sandbox import (
 _MJML_SUFFIXES = (".mjml", ".mjml.j2")
 MAX_BODY = 10 * 1024 * 1024  # characters of rendered HTML or MJML; Gmail clips an email at 102 KB
 MAX_NESTING = 256  # tags open at once in MJML; mjml-python's process dies near 3,000
-_BUILTINS = frozenset({"recipient", "preheader"})
 
 # What a live block's body may hit on data it did not expect. Anything else is
 # a bug in the template or in emailpers and should not be silently hidden.
@@ -102,16 +100,6 @@ class LiveExtension(Extension):
         return caller(False)
 
 
-def live_blocks(ast: nodes.Template) -> Iterable[tuple[int, list[str]]]:
-    """(line, source names) of every `{% live %}` block in a parsed template."""
-    for block in ast.find_all(nodes.CallBlock):
-        call = block.call
-        if isinstance(call.node, nodes.ExtensionAttribute) and call.node.name == "_live":
-            names = call.args[0]
-            assert isinstance(names, nodes.List)
-            yield block.lineno, [n.value for n in names.items if isinstance(n, nodes.Const)]
-
-
 def make_environment(root: Path, *, autoescape: bool) -> Sandbox:
     """A sandboxed, strict environment loading only from the campaign folder.
     Escaping follows what is being produced, never a file name: everything
@@ -151,12 +139,18 @@ class _Jinja:
 
 
 @dataclass(frozen=True)
-class _Parsed:
-    """A template's syntax tree and where to point an error in it."""
+class Parsed:
+    """A template's syntax tree and where it came from, for the load checks."""
 
-    where: str  # "file" for a template file, "file:line: [campaign] key" for a value in the TOML
+    path: Path  # the template file, or the campaign file for a [campaign] value
     ast: nodes.Template
-    line: int | None  # None: the line inside the template file
+    key: str | None = None  # the [campaign] key of a subject, preheader or header
+
+    def where(self, lineno: int) -> str:
+        """`file:line` (and key) to put in front of a message about `lineno`."""
+        if self.key is None:
+            return f"{self.path}:{lineno}"
+        return campaign_key_where(self.path, self.key)
 
 
 class Renderer:
@@ -169,7 +163,7 @@ class Renderer:
         self.deadline = campaign.render_deadline
         self.html_env = make_environment(campaign.root, autoescape=True)
         self.text_env = make_environment(campaign.root, autoescape=False)
-        self.parsed: list[_Parsed] = []
+        self.parsed: list[Parsed] = []
         self.template = self._load(self.html_env, campaign.template)
         self.text_template = self._load(self.text_env, campaign.text_template) if campaign.text_template else None
         self.fallback_template = (
@@ -193,7 +187,7 @@ class Renderer:
                 seen.add(current_.name)
                 filename = current_.filename
                 ast = env.parse(Path(filename).read_text(encoding="utf-8"), current_.name, filename)
-                self.parsed.append(_Parsed(filename, ast, None))
+                self.parsed.append(Parsed(Path(filename), ast))
                 pending += [env.get_template(n) for n in meta.find_referenced_templates(ast) if n is not None]
             return template
         except jinja2.TemplateSyntaxError as exc:
@@ -209,59 +203,16 @@ class Renderer:
         """A template, or the text itself when it has no Jinja in it (rendered
         once here rather than once per recipient). Header values render
         without escaping: they are not HTML."""
-        where = f"{toml_where(self.campaign.path, 'campaign', key)}: [campaign] {key}"
         if "{" not in source:
             if "\n" in source or "\r" in source:
-                raise CampaignError(f"{where}: a header value cannot contain a line break")
+                raise CampaignError(f"{campaign_key_where(self.campaign.path, key)}: a header value cannot contain a line break")
             return source.strip()
         env = self.text_env
         try:
-            self.parsed.append(_Parsed(where, env.parse(source), 0))
+            self.parsed.append(Parsed(self.campaign.path, env.parse(source), key))
             return env.template_class.from_code(env, env.compile(source, name=key), env.make_globals(None), None)
         except jinja2.TemplateSyntaxError as exc:
-            raise CampaignError(f"{where}: template syntax error: {exc.message}") from None
-
-    def check(self, columns: Iterable[str]) -> None:
-        """What the templates cannot be right without, checked before the
-        first request: every `{% live %}` names a source of the campaign, and
-        every name read is a recipient column, a source or a built-in (a typo
-        would otherwise fail or fall back every recipient). Raises
-        CampaignError naming the file, the line and the first problem."""
-        self._check_live_sources()
-        self._check_names(list(columns))
-
-    def _check_live_sources(self) -> None:
-        sources = sorted(self.campaign.sources)
-        for parsed in self.parsed:
-            for lineno, names in live_blocks(parsed.ast):
-                for name in names:
-                    if name not in self.campaign.sources:
-                        raise CampaignError(
-                            f"{self._at(parsed, lineno)}: {{% live %}} names unknown source {name!r}"
-                            f"{_did_you_mean(name, sources)}; the campaign's sources: {', '.join(sources) or 'none'}"
-                        )
-
-    def _check_names(self, columns: list[str]) -> None:
-        if not columns:
-            return  # an unreadable or empty list: reading it says what is wrong, with the line
-        known = set(columns) | set(self.campaign.sources) | _BUILTINS | set(self.html_env.globals)
-        # Jinja counts a name set inside an {% if %} as undeclared (the branch
-        # may not run), and a base template's names reach its children's
-        # blocks: a name any template assigns is the campaign's own.
-        known |= {n.name for p in self.parsed for n in p.ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
-        for parsed in self.parsed:
-            for name in sorted(meta.find_undeclared_variables(parsed.ast) - known):
-                lineno = next(
-                    (n.lineno for n in parsed.ast.find_all(nodes.Name) if n.name == name and n.ctx == "load"), 1
-                )
-                raise CampaignError(
-                    f"{self._at(parsed, lineno)}: {{{{ {name} }}}} is not a recipient column, a source or a "
-                    f"built-in{_did_you_mean(name, known)}; the recipient columns: {', '.join(columns) or 'none'}"
-                )
-
-    @staticmethod
-    def _at(parsed: _Parsed, lineno: int) -> str:
-        return parsed.where if parsed.line is not None else f"{parsed.where}:{lineno}"
+            raise CampaignError(f"{campaign_key_where(self.campaign.path, key)}: template syntax error: {exc.message}") from None
 
     def render(self, fields: dict[str, Any], data: dict[str, Any], failures: dict[str, str]) -> Email:
         """Render one email. `data` holds each delivered source's JSON, `failures`
@@ -389,31 +340,8 @@ def toml_where(path: Path, table: str, key: str) -> str:
     return str(path)
 
 
-def check_source_urls(campaign: Campaign, columns: Iterable[str]) -> None:
-    """A source URL may read only recipient columns (a batch URL: `ids`), else
-    every request would fail. Raises CampaignError naming the first unknown name."""
-    columns = list(columns)
-    if not columns:
-        return  # an unreadable or empty list: reading it says what is wrong, with the line
-    parser = jinja2.Environment()
-    for name, source in campaign.sources.items():
-        urls = [("url", source.url, set(columns))]
-        if source.batch is not None:
-            urls.append(("batch", source.batch.url, {"ids"}))
-        for key, url, known in urls:
-            ast = parser.parse(url)
-            for unknown in sorted(meta.find_undeclared_variables(ast) - known - set(parser.globals)):
-                what = "url" if key == "url" else "batch url"
-                allowed = f"the recipient columns: {', '.join(columns) or 'none'}" if key == "url" else "it sees only ids"
-                raise CampaignError(
-                    f"{toml_where(campaign.path, f'sources.{name}', key)}: [sources.{name}] {what}: {{{{ {unknown} }}}} "
-                    f"is not a recipient column{_did_you_mean(unknown, known)}; {allowed}"
-                )
-
-
-def _did_you_mean(name: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def campaign_key_where(path: Path, key: str) -> str:
+    return f"{toml_where(path, 'campaign', key)}: [campaign] {key}"
 
 
 _TAG = re.compile(r"<(/?)([A-Za-z][^\s/>]*)[^>]*?(/?)>")
