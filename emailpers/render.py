@@ -39,6 +39,7 @@ from emailpers.sandbox import (
 
 _MJML_SUFFIXES = (".mjml", ".mjml.j2")
 MAX_BODY = 10 * 1024 * 1024  # characters of rendered HTML or MJML; Gmail clips an email at 102 KB
+MAX_HEADER = 16 * 1024  # characters of one header value
 MAX_NESTING = 256  # tags open at once in MJML; mjml-python's process dies near 3,000
 
 # What a live block's body may hit on data it did not expect. Anything else is
@@ -242,8 +243,9 @@ class Renderer:
                 f"the template needed more than the render memory cap ({RENDER_MEMORY >> 20} MiB)"
             ) from None
         body = _CONTROL.sub("", out.body)
-        if len(body) > MAX_BODY:
-            raise RenderFailed(f"the rendered email is {len(body) >> 20} MiB, more than the {MAX_BODY >> 20} MiB limit")
+        for part in (body, out.text or ""):
+            if len(part) > MAX_BODY:
+                raise RenderFailed(f"the rendered email is {len(part) >> 20} MiB, more than the {MAX_BODY >> 20} MiB limit")
         html = self._to_html(body, out.template)
         if out.preheader:
             html = _insert_preheader(html, _CONTROL.sub("", out.preheader))
@@ -293,6 +295,8 @@ class Renderer:
         if isinstance(template, str):
             return template
         value = self._run(template, context, key).strip()
+        if len(value) > MAX_HEADER:
+            raise RenderFailed(f"{key} is {len(value)} characters long, more than the {MAX_HEADER} allowed")
         if "\n" in value or "\r" in value:
             raise RenderFailed(f"{key} would contain a line break (header injection refused): {value[:80]!r}")
         return value

@@ -24,7 +24,7 @@ PEOPLE = [
 ]
 
 
-def run_attack(tmp_path: Path, template: str, *, workers: int = 0, **options: Any) -> dict[str, dict[str, Any]]:
+def run_attack(tmp_path: Path, template: str = "<p>Hi</p>", *, workers: int = 0, **options: Any) -> dict[str, dict[str, Any]]:
     """Render PEOPLE with `template`, where `{% if mode == 'attack' %}` guards
     the attack: "ok" must come out rendered, the run must end with exit 3."""
     options.setdefault("recipients", PEOPLE)
@@ -106,6 +106,26 @@ def test_a_template_within_the_deadline_renders(tmp_path: Path) -> None:
 def test_sizes_a_template_can_build_are_capped(tmp_path: Path, expression: str, error: str) -> None:
     template = f"<p>Hi {{{{ first_name }}}}</p>{{% if mode == 'attack' %}}{{{{ {expression} }}}}{{% endif %}}"
     entries = run_attack(tmp_path, template)
+    assert entries["evil"]["error"] == error
+
+
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [
+        ("subject", "subject is 10000003 characters long, more than the 16384 allowed"),
+        ("text", "the rendered email is 19 MiB, more than the 10 MiB limit"),
+        ("html", "the rendered email is 19 MiB, more than the 10 MiB limit"),
+    ],
+)
+def test_a_huge_subject_or_body_fails_the_recipient(tmp_path: Path, where: str, error: str) -> None:
+    # Within the memory cap, yet no header or email part should be this large.
+    huge = "{% if mode == 'attack' %}{{ 'x'|center(20000000) }}{% endif %}"
+    options: dict[str, Any] = {"template": "<p>Hi {{ first_name }}</p>" + (huge if where == "html" else "")}
+    if where == "subject":
+        options["campaign"] = {"subject": "Hi " + huge}
+    if where == "text":
+        options["text_template"] = "Hi\n" + huge
+    entries = run_attack(tmp_path, **options)
     assert entries["evil"]["error"] == error
 
 
