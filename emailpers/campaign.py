@@ -8,6 +8,7 @@ Errors name the file, the line when it can be found, the table and the key.
 from __future__ import annotations
 
 import codecs
+import difflib
 import email.utils
 import os
 import re
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import jinja2
 
 from emailpers.errors import CampaignError
 
@@ -28,6 +31,7 @@ DEFAULT_BACKOFF_MAX = 4.0
 DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_BATCH_LINGER = 0.05
 DEFAULT_TOKEN_LIFETIME = 3600.0  # seconds, for a token response without expires_in
+DEFAULT_RENDER_DEADLINE = 10.0  # seconds of Jinja per recipient
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322: printable ASCII but ':'
@@ -134,6 +138,7 @@ class Campaign:
     preheader: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     sources: dict[str, Source] = field(default_factory=dict)
+    render_deadline: float = DEFAULT_RENDER_DEADLINE
 
     @property
     def root(self) -> Path:
@@ -226,8 +231,9 @@ class _Table:
     def no_unknown(self, known: set[str]) -> None:
         for key in self.data:
             if key not in known:
-                hint = f"; known keys: {', '.join(sorted(known))}"
-                raise self.loader.error(self.where, key, f"unknown key{hint}")
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                guess = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.loader.error(self.where, key, f"unknown key{guess}; known keys: {', '.join(sorted(known))}")
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -261,11 +267,13 @@ class _Loader:
             if m := _HEADER.match(line):
                 table = m.group(1).replace('"', "").replace(" ", "")
                 self.lines.setdefault((table, None), number)
+                self.lines.setdefault(("", table.partition(".")[0]), number)  # a top-level key, for messages
             elif m := _KEY.match(line):
                 self.lines.setdefault((table, m.group(2)), number)
 
     def error(self, where: str, key: str | None, message: str) -> CampaignError:
         table, _, inline = where.strip("[").partition("]")
+        table = "" if where == "campaign file" else table
         line = self.lines.get((table, inline.strip() or key)) or self.lines.get((table, None))
         location = f"{self.path}:{line}" if line else str(self.path)
         subject = f"{where} {key}" if key else where
@@ -305,7 +313,10 @@ def load_campaign(
     top.no_unknown({"campaign", "recipients", "sources", "auth"})
 
     c = _Table(loader, top.get("campaign", dict, required=True), "[campaign]")
-    c.no_unknown({"name", "template", "text_template", "fallback_template", "subject", "preheader", "from", "headers"})
+    c.no_unknown({
+        "name", "template", "text_template", "fallback_template", "subject", "preheader", "from", "headers",
+        "render_deadline",
+    })  # fmt: skip
     template = loader.file(c, "template", required=True)
     assert template is not None
     root = path.parent
@@ -342,6 +353,7 @@ def load_campaign(
         headers=headers,
         recipients=recipients_config,
         sources=sources,
+        render_deadline=c.number("render_deadline", DEFAULT_RENDER_DEADLINE, above=True),
     )
 
 
@@ -555,11 +567,17 @@ def _check_path(loader: _Loader, where: str, key: str, url: str, allow_http: boo
         raise loader.error(
             where, key, f"must be a path starting with a single '/' (base_url_from gives the origin), got {url!r}"
         )
+_URL_SYNTAX = jinja2.Environment()  # parses only: URLs render in sources.url_environment
 
 
 def _check_url(loader: _Loader, where: str, key: str, url: str, allow_http: bool) -> None:
     """The scheme, host and port must be written out: recipient data may fill
-    the path and query, never choose where a request goes."""
+    the path and query, never choose where a request goes. A Jinja syntax
+    error stops the load here, not at the first recipient's request."""
+    try:
+        _URL_SYNTAX.parse(url)
+    except jinja2.TemplateSyntaxError as exc:
+        raise loader.error(where, key, f"template syntax error: {exc.message}; the URL is {url!r}") from None
     origin_end = url.find("/", url.find("://") + 3) if "://" in url else -1
     origin = url if origin_end == -1 else url[:origin_end]
     if "{" in origin or "%" in origin:

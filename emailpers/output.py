@@ -78,12 +78,22 @@ class Envelope:
         return cls(email.utils.formataddr((name, address), charset="utf-8"), address.rpartition("@")[2])
 
 
+_PRINTABLE = re.compile(r"[ -~\t]*")  # printable ASCII, space and tab: what may stand raw in a header
+MAX_LINE = 998  # RFC 5322 2.1.1, without the CRLF
+
+
 def _header_line(name: str, value: str) -> str:
-    """One header, RFC 2047-encoded when not ASCII and folded when long."""
-    if value.isascii() and len(name) + len(value) < 76:
-        return f"{name}: {value}"
-    charset = "us-ascii" if value.isascii() else "utf-8"
-    return f"{name}: {Header(value, charset, header_name=name).encode(linesep=CRLF)}"
+    """One header, folded when long. Printable ASCII stands as it is; a value
+    with anything else (non-ASCII, a control character from the data: never
+    written raw) or a word too long to fold at a space within 998 characters
+    is RFC 2047-encoded as UTF-8, which folds anywhere."""
+    if _PRINTABLE.fullmatch(value):
+        if len(name) + len(value) < 76:
+            return f"{name}: {value}"
+        folded = Header(value, "us-ascii", header_name=name).encode(linesep=CRLF)
+        if len(name) + 2 + max(len(line) for line in folded.split(CRLF)) <= MAX_LINE:
+            return f"{name}: {folded}"
+    return f"{name}: {Header(value, 'utf-8', header_name=name).encode(linesep=CRLF)}"
 
 
 def _text_part(body: str) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 from emailpers.batching import Batcher
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
+from emailpers.checks import check_campaign
 from emailpers.errors import EmailpersError, OutputError, RenderProcessDied, TooManyFailures, UnhealthySource
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
@@ -159,6 +160,8 @@ class Run:
         # The whole list is read first: a list that cannot be trusted stops the run
         # before anything is fetched or written (not even the output folder).
         self.preflight = preflight(self.campaign.recipients)
+        # Then the names the templates and URLs read, against the list's columns.
+        check_campaign(self.campaign, self.preflight.columns, self.job.renderer if self.job else None)
         started = time.monotonic()
         error: BaseException | None = None
         cache = pool = None

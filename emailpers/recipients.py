@@ -31,7 +31,7 @@ from emailpers.campaign import RecipientsConfig, recipient_format
 from emailpers.errors import RecipientListError
 
 # Deliberately plain: one @, no spaces or angle brackets, a dot in the domain.
-_EMAIL = re.compile(r"^[^@\s<>\"(),;:]+@[^@\s<>\"(),;:\[\]]+\.[^@\s<>\"(),;:\[\]]+$")
+_EMAIL = re.compile(r"^[^@\s<>\"(),;:\x00-\x1f\x7f]+@[^@\s<>\"(),;:\[\]\x00-\x1f\x7f]+\.[^@\s<>\"(),;:\[\]\x00-\x1f\x7f]+$")
 
 MAX_LINE_BYTES = 1024 * 1024  # a longer line is no recipient: read no further into memory
 # A quoted CSV value may hold line breaks (a postal address over 2-3 lines). One

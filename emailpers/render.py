@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import html as html_lib
 import re
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -20,33 +21,45 @@ import jinja2
 from jinja2 import meta, nodes
 from jinja2.ext import Extension
 from jinja2.parser import Parser
-from jinja2.sandbox import SandboxedEnvironment
 from mjml import mjml2html
 
 from emailpers.campaign import Campaign
 from emailpers.errors import CampaignError, RenderFailed
+from emailpers.sandbox import (
+    RENDER_MEMORY,
+    Budget,
+    CampaignLoader,
+    RenderLimitExceeded,
+    Sandbox,
+    budget,
+    current,
+    is_blank,
+    memory_cap,
+)
 
 _MJML_SUFFIXES = (".mjml", ".mjml.j2")
-_HTML_SUFFIXES = (".html", ".html.j2", ".htm", ".htm.j2")
-_STATE = "_emailpers_live_state"
+MAX_BODY = 10 * 1024 * 1024  # characters of rendered HTML or MJML; Gmail clips an email at 102 KB
+MAX_HEADER = 16 * 1024  # characters of one header value
+MAX_NESTING = 256  # tags open at once in MJML; mjml-python's process dies near 3,000
 
 # What a live block's body may hit on data it did not expect. Anything else is
 # a bug in the template or in emailpers and should not be silently hidden.
 _DATA_ERRORS = (jinja2.UndefinedError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError)
+# C0 controls but tab, line feed and carriage return, and DEL: MJML refuses
+# them and no mail client shows them.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class SourceUnavailableError(jinja2.UndefinedError):
     """A template used a source that failed for this recipient, outside a live block."""
 
 
-@dataclass
-class _LiveState:
-    failures: dict[str, str]  # source name -> why it has no data
-    fallback_blocks: list[dict[str, Any]] = field(default_factory=list)
-
-
 class LiveExtension(Extension):
-    """`{% live "a", "b" %} body {% fallback %} static {% endlive %}`."""
+    """`{% live "a", "b" %} body {% fallback %} static {% endlive %}`.
+
+    Which sources failed and which blocks fell back live on the render call's
+    budget (see sandbox.py), never in the template context: a template can
+    neither read nor forge what the manifest is built from."""
 
     tags = {"live"}
 
@@ -70,7 +83,7 @@ class LiveExtension(Extension):
 
     @jinja2.pass_context
     def _live(self, context: jinja2.runtime.Context, names: list[str], lineno: int, caller: Callable[[bool], str]) -> str:
-        state: _LiveState | None = context.get(_STATE)
+        state = current.get()
         if state is None:  # rendered outside emailpers (a preview tool): everything is live
             return caller(True)
         unknown = [n for n in names if n not in context]
@@ -88,17 +101,14 @@ class LiveExtension(Extension):
         return caller(False)
 
 
-def _autoescape(name: str | None) -> bool:
-    return name is not None and name.endswith(_MJML_SUFFIXES + _HTML_SUFFIXES)
-
-
-def make_environment(root: Path) -> SandboxedEnvironment:
-    """The one Jinja environment: sandboxed, strict, autoescaping MJML and HTML,
-    loading only from the campaign folder (the loader refuses `..`)."""
-    return SandboxedEnvironment(
-        loader=jinja2.FileSystemLoader(str(root)),
-        undefined=jinja2.StrictUndefined,
-        autoescape=_autoescape,
+def make_environment(root: Path, *, autoescape: bool) -> Sandbox:
+    """A sandboxed, strict environment loading only from the campaign folder.
+    Escaping follows what is being produced, never a file name: everything
+    that ends up in the HTML (its partials and macros whatever their names)
+    is escaped; the text template and its includes, and header values, not."""
+    return Sandbox(
+        loader=CampaignLoader(root),
+        autoescape=autoescape,
         extensions=[LiveExtension],
         keep_trailing_newline=True,
         auto_reload=False,
@@ -116,65 +126,138 @@ class Email:
     used_fallback_template: bool
 
 
+@dataclass(frozen=True)
+class _Jinja:
+    """What the templates produced for one recipient, before MJML."""
+
+    subject: str
+    headers: dict[str, str]
+    preheader: str | None
+    body: str
+    text: str | None
+    template: Path
+    used_fallback_template: bool
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A template's syntax tree and where it came from, for the load checks."""
+
+    path: Path  # the template file, or the campaign file for a [campaign] value
+    ast: nodes.Template
+    key: str | None = None  # the [campaign] key of a subject, preheader or header
+
+    def where(self, lineno: int) -> str:
+        """`file:line` (and key) to put in front of a message about `lineno`."""
+        if self.key is None:
+            return f"{self.path}:{lineno}"
+        return campaign_key_where(self.path, self.key)
+
+
 class Renderer:
-    """Everything that can be prepared once per run: the environment, the
+    """Everything that can be prepared once per run: the environments, the
     parsed templates, the MJML include loader. `render` is per recipient."""
 
-    def __init__(self, campaign: Campaign) -> None:
+    def __init__(self, campaign: Campaign, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.campaign = campaign
-        self.env = make_environment(campaign.root)
-        self.template_files: set[Path] = set()  # every file loaded: main, text, fallback, their includes
-        self.template = self._load(campaign.template)
-        self.text_template = self._load(campaign.text_template) if campaign.text_template else None
-        self.fallback_template = self._load(campaign.fallback_template) if campaign.fallback_template else None
-        where = f"{campaign.path}: [campaign]"
-        self.subject = self._compile(campaign.subject, f"{where} subject")
-        self.preheader = self._compile(campaign.preheader, f"{where} preheader") if campaign.preheader else None
-        self.headers = {k: self._compile(v, f"{where} headers.{k}") for k, v in campaign.headers.items()}
+        self.clock = clock
+        self.deadline = campaign.render_deadline
+        self.html_env = make_environment(campaign.root, autoescape=True)
+        self.text_env = make_environment(campaign.root, autoescape=False)
+        self.parsed: list[Parsed] = []
+        self.template = self._load(self.html_env, campaign.template)
+        self.text_template = self._load(self.text_env, campaign.text_template) if campaign.text_template else None
+        self.fallback_template = (
+            self._load(self.html_env, campaign.fallback_template) if campaign.fallback_template else None
+        )
+        self.subject = self._compile("subject", campaign.subject)
+        self.preheader = self._compile("preheader", campaign.preheader) if campaign.preheader else None
+        self.headers = {k: self._compile(f"headers.{k}", v) for k, v in campaign.headers.items()}
 
-    def _load(self, path: Path) -> jinja2.Template:
+    @property
+    def template_files(self) -> set[Path]:
+        """Every template file loaded: main, text, fallback, and what they include."""
+        return {parsed.path for parsed in self.parsed if parsed.key is None}
+
+    def _load(self, env: Sandbox, path: Path) -> jinja2.Template:
         """Compile a template and every template it includes, imports or
         extends by name: Jinja only loads those at render time, where a syntax
         error would stop the run with a traceback instead of this message."""
         try:
-            template = self.env.get_template(self.campaign.template_name(path))
+            template = env.get_template(self.campaign.template_name(path))
             pending, seen = [template], set()
             while pending:
-                current = pending.pop()
-                if current.filename is None or current.name in seen:
+                current_ = pending.pop()
+                if current_.filename is None or current_.name in seen:
                     continue
-                seen.add(current.name)
-                self.template_files.add(Path(current.filename))
-                ast = self.env.parse(Path(current.filename).read_text(encoding="utf-8"), current.name, current.filename)
-                pending += [self.env.get_template(n) for n in meta.find_referenced_templates(ast) if n is not None]
+                seen.add(current_.name)
+                filename = current_.filename
+                ast = env.parse(Path(filename).read_text(encoding="utf-8"), current_.name, filename)
+                self.parsed.append(Parsed(Path(filename), ast))
+                pending += [env.get_template(n) for n in meta.find_referenced_templates(ast) if n is not None]
             return template
         except jinja2.TemplateSyntaxError as exc:
             raise CampaignError(f"{exc.filename or path}:{exc.lineno}: template syntax error: {exc.message}") from None
         except jinja2.TemplateNotFound as exc:
-            raise CampaignError(f"{path}: template includes {exc.name}, which is not in {self.campaign.root}") from None
+            raise CampaignError(
+                f"{path}: template includes {exc.name}, which is not in {self.campaign.root}"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise CampaignError(f"{path}: a template it uses is not UTF-8 text ({exc.reason})") from None
 
-    def _compile(self, source: str, where: str) -> jinja2.Template | str:
+    def _compile(self, key: str, source: str) -> jinja2.Template | str:
         """A template, or the text itself when it has no Jinja in it (rendered
-        once here rather than once per recipient)."""
+        once here rather than once per recipient). Header values render
+        without escaping: they are not HTML."""
         if "{" not in source:
             if "\n" in source or "\r" in source:
-                raise CampaignError(f"{where}: a header value cannot contain a line break")
+                raise CampaignError(f"{campaign_key_where(self.campaign.path, key)}: a header value cannot contain a line break")
             return source.strip()
+        env = self.text_env
         try:
-            return self.env.from_string(source)
+            self.parsed.append(Parsed(self.campaign.path, env.parse(source), key))
+            return env.template_class.from_code(env, env.compile(source, name=key), env.make_globals(None), None)
         except jinja2.TemplateSyntaxError as exc:
-            raise CampaignError(f"{where}: template syntax error: {exc.message}") from None
+            raise CampaignError(f"{campaign_key_where(self.campaign.path, key)}: template syntax error: {exc.message}") from None
 
     def render(self, fields: dict[str, Any], data: dict[str, Any], failures: dict[str, str]) -> Email:
         """Render one email. `data` holds each delivered source's JSON, `failures`
-        says why each other source has none. Raises RenderFailed."""
-        state = _LiveState(failures)
-        context: dict[str, Any] = {**fields, "recipient": fields, **data, _STATE: state}
+        says why each other source has none. A null or blank field or answer is
+        missing. Raises RenderFailed."""
+        failures = {**failures, **{name: "the answer is empty (null)" for name, v in data.items() if is_blank(v)}}
+        context: dict[str, Any] = {
+            k: self.html_env.undefined(hint=f"{k!r} is empty (null or blank)", name=k) if is_blank(v) else v
+            for k, v in fields.items()
+        }
+        context["recipient"] = fields
+        context.update((name, value) for name, value in data.items() if name not in failures)
         for name, why in failures.items():
             context[name] = jinja2.StrictUndefined(
                 hint=f"source {name!r} is unavailable for this recipient ({why}); use it inside {{% live {name!r} %}}",
                 exc=SourceUnavailableError,
             )
+        try:
+            # The cap covers Jinja only: mjml-python aborts the process on a
+            # failed allocation instead of raising.
+            with budget(failures, self.deadline, self.clock) as state, memory_cap():
+                out = self._jinja(context, state)
+        except RenderLimitExceeded as exc:
+            raise RenderFailed(str(exc)) from None
+        except MemoryError:
+            raise RenderFailed(
+                f"the template needed more than the render memory cap ({RENDER_MEMORY >> 20} MiB)"
+            ) from None
+        body = _CONTROL.sub("", out.body)
+        for part in (body, out.text or ""):
+            if len(part) > MAX_BODY:
+                raise RenderFailed(f"the rendered email is {len(part) >> 20} MiB, more than the {MAX_BODY >> 20} MiB limit")
+        html = self._to_html(body, out.template)
+        if out.preheader:
+            html = _insert_preheader(html, _CONTROL.sub("", out.preheader))
+        text = html_to_text(html) if out.text is None else out.text
+        return Email(out.subject, html, text, out.headers, state.fallback_blocks, out.used_fallback_template)
+
+    def _jinja(self, context: dict[str, Any], state: Budget) -> _Jinja:
         subject = self._header_value("subject", self.subject, context)
         headers = {k: self._header_value(k, t, context) for k, t in self.headers.items()}
         preheader = self._header_value("preheader", self.preheader, context) if self.preheader else None
@@ -196,43 +279,45 @@ class Renderer:
                 raise RenderFailed(f"{exc}; the campaign has no fallback_template") from None
             used_fallback_template = True
             state.fallback_blocks[:] = [{
-                "template": self.fallback_template.name, "line": None, "sources": sorted(failures), "reason": str(exc),
+                "template": self.fallback_template.name, "line": None, "sources": sorted(state.failures),
+                "reason": str(exc),
             }]
-            body = self._run(self.fallback_template, context, "fallback_template")
+            body = self._run(self.fallback_template, context, f"fallback_template {self.fallback_template.name}")
             template = self.campaign.fallback_template  # type: ignore[assignment]
             text = None
         except _DATA_ERRORS as exc:
             what = rendering.name if rendering is self.template else f"text_template {rendering.name}"
             raise RenderFailed(f"{what}: {_describe(exc)}") from None
-
-        html = self._to_html(body, template)
-        if preheader:
-            html = _insert_preheader(html, preheader)
-        if text is None:
-            text = html_to_text(html)
-        return Email(subject, html, text, headers, state.fallback_blocks, used_fallback_template)
+        return _Jinja(subject, headers, preheader, body, text, template, used_fallback_template)
 
     def _run(self, template: jinja2.Template, context: dict[str, Any], what: str) -> str:
         try:
             return template.render(context)
         except _DATA_ERRORS as exc:
-            raise RenderFailed(f"{what} {template.name}: {_describe(exc)}") from None
+            raise RenderFailed(f"{what}: {_describe(exc)}") from None
 
-    def _header_value(self, name: str, template: jinja2.Template | str, context: dict[str, Any]) -> str:
+    def _header_value(self, key: str, template: jinja2.Template | str, context: dict[str, Any]) -> str:
         if isinstance(template, str):
             return template
-        value = self._run(template, context, name).strip()
+        value = self._run(template, context, key).strip()
+        if len(value) > MAX_HEADER:
+            raise RenderFailed(f"{key} is {len(value)} characters long, more than the {MAX_HEADER} allowed")
         if "\n" in value or "\r" in value:
-            raise RenderFailed(f"{name} would contain a line break (header injection refused): {value[:80]!r}")
+            raise RenderFailed(f"{key} would contain a line break (header injection refused): {value[:80]!r}")
         return value
 
     def _to_html(self, body: str, template: Path) -> str:
         if not template.name.endswith(_MJML_SUFFIXES):
             return body
+        name = self.campaign.template_name(template)
+        # Opening tags bound the depth: the scan only runs when they could pass the cap.
+        depth = nesting_depth(body) if body.count("<") - body.count("</") > MAX_NESTING else 0
+        if depth > MAX_NESTING:
+            raise RenderFailed(f"{name}: markup nested {depth} deep, more than the {MAX_NESTING} MJML accepts")
         try:
             return str(mjml2html(body, include_loader=self._include))
         except ValueError as exc:
-            raise RenderFailed(f"{self.campaign.template_name(template)}: MJML compile error: {exc}") from None
+            raise RenderFailed(f"{name}: MJML compile error: {exc}") from None
 
     def _include(self, path: str) -> str:
         """mj-include: files inside the campaign folder only."""
@@ -241,6 +326,48 @@ class Renderer:
         if not target.is_relative_to(root) or not target.is_file():
             raise ValueError(f"mj-include {path!r} is not a file inside {root}")
         return target.read_text(encoding="utf-8")
+
+
+_TABLE = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
+
+
+def toml_where(path: Path, table: str, key: str) -> str:
+    """`file:line` of `key` (its part before a dot) in `[table]` of a TOML
+    file, for messages; the file alone when the line cannot be found."""
+    name = key.partition(".")[0]
+    pattern = re.compile(rf"^\s*(\"?){re.escape(name)}\1\s*=")
+    current_table = ""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for number, line in enumerate(lines, start=1):
+        if m := _TABLE.match(line):
+            current_table = m.group(1).replace('"', "").replace(" ", "")
+        elif current_table == table and pattern.match(line):
+            return f"{path}:{number}"
+    return str(path)
+
+
+def campaign_key_where(path: Path, key: str) -> str:
+    return f"{toml_where(path, 'campaign', key)}: [campaign] {key}"
+
+
+_TAG = re.compile(r"<(/?)([A-Za-z][^\s/>]*)[^>]*?(/?)>")
+_VOID = frozenset("area base br col embed hr img input link meta param source track wbr".split())
+
+
+def nesting_depth(markup: str) -> int:
+    """How many tags are open at once at the deepest point (a linear scan:
+    the point is to refuse what would crash a recursive parser)."""
+    depth = deepest = 0
+    for closing, tag, self_closing in _TAG.findall(markup):
+        if closing:
+            depth = max(0, depth - 1)
+        elif not self_closing and tag.lower() not in _VOID:
+            depth += 1
+            deepest = max(deepest, depth)
+    return deepest
 
 
 def _describe(exc: Exception) -> str:

@@ -12,7 +12,7 @@ from conftest import render, source, write_campaign
 from emailpers.campaign import DEFAULT_TIMEOUT, load_campaign
 from emailpers.errors import CampaignError
 
-CAMPAIGN_KEYS = "fallback_template, from, headers, name, preheader, subject, template, text_template"
+CAMPAIGN_KEYS = "fallback_template, from, headers, name, preheader, render_deadline, subject, template, text_template"
 
 
 def line_of(path: Path, text: str) -> int:
@@ -40,7 +40,8 @@ def test_unknown_source_key(tmp_path: Path) -> None:
     result = render(campaign, tmp_path / "out")
     assert result.exit_code == 1
     assert result.stderr.startswith(
-        f"Error: {campaign}:{line_of(campaign, 'tiemout')}: [sources.shop] tiemout unknown key; known keys: "
+        f"Error: {campaign}:{line_of(campaign, 'tiemout')}: [sources.shop] tiemout unknown key "
+        "(did you mean 'timeout'?); known keys: "
     )
     assert result.stderr.count("\n") == 1
 
@@ -48,7 +49,8 @@ def test_unknown_source_key(tmp_path: Path) -> None:
 def test_unknown_top_level_table(tmp_path: Path) -> None:
     campaign = write_campaign(tmp_path / "c", extra="\n[sauces.shop]\nurl = 'x'\n")
     assert_refused(campaign, tmp_path / "out",
-                   f"{campaign}: campaign file sauces unknown key; known keys: auth, campaign, recipients, sources")
+                   f"{campaign}:{line_of(campaign, 'sauces')}: campaign file sauces unknown key (did you mean 'sources'?); "
+                   "known keys: auth, campaign, recipients, sources")
 
 
 @pytest.mark.parametrize(

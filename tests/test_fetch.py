@@ -334,13 +334,17 @@ def test_query_values_are_encoded(api: ScriptedAPI, tmp_path: Path) -> None:
 
 
 def test_missing_url_field_is_a_fallback_not_a_request(api: ScriptedAPI, tmp_path: Path) -> None:
-    campaign = write_campaign(tmp_path / "campaign", sources={"shop": source(api.url + "/users/{{ account }}/cart")})
+    # "account" is a column (r2 has it), so the load check lets it through; r1 lacks it.
+    people = [{"id": "r1", "email": "r1@example.com", "first_name": "Ann"},
+              {"id": "r2", "email": "r2@example.com", "first_name": "Bo", "account": "a2"}]
+    campaign = write_campaign(tmp_path / "campaign", recipients=people,
+                              sources={"shop": source(api.url + "/users/{{ account }}/cart")})
     out = tmp_path / "out"
 
     result = render(campaign, out)
 
     assert result.exit_code == 0, result.output
-    assert api.requests == []
+    assert [r.path for r in api.requests] == ["/users/a2/cart"]
     fetched = shop_of(out)
     assert fetched["outcome"] == "error" and "account" in str(fetched["error"])
     assert manifest(out)["r1"]["status"] == "fallback"

@@ -90,19 +90,6 @@ def test_live_body_hitting_a_missing_field_falls_back(api: ScriptedAPI, tmp_path
     assert entries["r3"]["fallback_blocks"][0]["reason"].startswith("TypeError: ")
 
 
-def test_live_block_naming_an_unknown_source_falls_back(tmp_path: Path) -> None:
-    template = '<p>Hi</p>{% live "weather" %}<p>{{ weather.sky }}</p>{% fallback %}<p>Have a nice day.</p>{% endlive %}'
-    out = tmp_path / "out"
-
-    result = render(write_campaign(tmp_path / "c", template=template), out)
-
-    assert result.exit_code == 0, result.output
-    entry = manifest(out)["r1"]
-    assert entry["fallback_blocks"] == [
-        {"template": "email.html.j2", "line": 1, "sources": ["weather"], "reason": "unknown source weather"}
-    ]
-
-
 OUTSIDE = '<p>Hi {{ first_name }}, delivering to {{ shop.city }}</p>\n'
 
 
@@ -329,7 +316,7 @@ def test_subject_syntax_error(tmp_path: Path) -> None:
     result = render(campaign, tmp_path / "out")
 
     assert result.exit_code == 1
-    assert result.stderr.startswith(f"Error: {campaign}: [campaign] subject: template syntax error: ")
+    assert result.stderr.startswith(f"Error: {campaign}:4: [campaign] subject: template syntax error: ")
     assert result.stderr.count("\n") == 1
 
 

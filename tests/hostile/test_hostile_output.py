@@ -52,7 +52,8 @@ def run_limited(campaign: Path, out: Path, max_file_bytes: int, *args: str) -> s
 def test_a_message_file_the_disk_refuses_stops_the_run(tmp_path: Path, workers: str) -> None:
     rows = people(10)
     rows[4]["first_name"] = "x" * 200_000  # p004's email is larger than the process may write
-    campaign = write_campaign(tmp_path / "c", recipients=rows)
+    # A plain subject: a 200 KB subject would fail the recipient (header cap), not the disk.
+    campaign = write_campaign(tmp_path / "c", recipients=rows, campaign={"subject": "Hello"})
     out = tmp_path / "out"
 
     result = run_limited(campaign, out, 64 * 1024, "--workers", workers, "--concurrency", "1")
