@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -14,7 +17,7 @@ import click
 from emailpers import __version__
 from emailpers.cache import ResponseCache
 from emailpers.campaign import Campaign, load_campaign
-from emailpers.errors import CampaignError, EmailpersError
+from emailpers.errors import CampaignError, EmailpersError, Interrupted
 from emailpers.output import FORMATS
 from emailpers.pipeline import (
     DEFAULT_CONCURRENCY,
@@ -42,7 +45,8 @@ def cli() -> None:
     \b
     Exit codes: 0 every recipient has an outcome, 1 the run could not start
     (or stopped on an error), 2 usage, 3 some recipients failed,
-    4 stopped early by --max-error-rate.
+    4 stopped early by --max-error-rate, 130 and 143 stopped by SIGINT
+    (Ctrl-C) and SIGTERM: rerun to resume.
     """
 
 
@@ -51,15 +55,36 @@ def _fail(exc: EmailpersError) -> None:
     sys.exit(exc.exit_code)
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside a run (which handles it itself): a BaseException, like
+    KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
+    """Errors become `Error: ...` and their exit code; SIGINT and SIGTERM
+    become 130 and 143 (128 + the signal's number, as a shell reports it)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         yield
+    except Interrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_code)
     except EmailpersError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        click.echo("Interrupted: finished recipients are in the manifest; run the same command to resume.", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+        click.echo(f"Interrupted by {signum.name}: finished recipients are in the manifest; run the same command "
+                   "to resume.", err=True)
+        sys.exit(128 + signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -136,18 +136,25 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+_SUFFIXES = {"eml": (".eml",), "html": (".html", ".txt"), "all": (".eml", ".html", ".txt")}
+
+
+def message_files(recipient_id: str, formats: str) -> list[str]:
+    """The files `write_message` writes for a recipient, relative to the output folder."""
+    stem = file_stem(recipient_id)
+    return [f"{MESSAGES}/{stem}{suffix}" for suffix in _SUFFIXES[formats]]
+
+
 def write_message(out: Path, recipient_id: str, to: str, message: Email, formats: str, envelope: Envelope) -> list[str]:
     """Write one recipient's files whole; return their paths relative to `out`."""
-    stem = file_stem(recipient_id)
-    written: list[tuple[str, bytes]] = []
-    if formats in ("eml", "all"):
-        written.append((f"{stem}.eml", build_eml(message, to, envelope)))
-    if formats in ("html", "all"):
-        written.append((f"{stem}.html", message.html.encode()))
-        written.append((f"{stem}.txt", message.text.encode()))
-    for name, data in written:
-        write_atomic(out / MESSAGES / name, data)
-    return [f"{MESSAGES}/{name}" for name, _ in written]
+    names = message_files(recipient_id, formats)
+    for name in names:
+        if name.endswith(".eml"):
+            data = build_eml(message, to, envelope)
+        else:
+            data = (message.html if name.endswith(".html") else message.text).encode()
+        write_atomic(out / name, data)
+    return names
 
 
 @dataclass
