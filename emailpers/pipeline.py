@@ -319,7 +319,9 @@ class Run:
         if self.render_queue is None:
             served = self.job(*job)
         else:
-            self._rendering.add(asyncio.current_task())  # type: ignore[arg-type]  # a task runs this
+            task = asyncio.current_task()
+            assert task is not None
+            self._rendering.add(task)
             try:
                 served = await self.render_queue.submit(job)
             except BaseException:  # given up, or its process died: it may have written files
