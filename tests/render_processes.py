@@ -32,13 +32,20 @@ class Started:
 
 
 def start_render(
-    api: ScriptedAPI, tmp_path: Path, n: int, workers: int, *, new_session: bool = False, stdout: int = subprocess.DEVNULL
+    api: ScriptedAPI,
+    tmp_path: Path,
+    n: int,
+    workers: int,
+    *,
+    new_session: bool = False,
+    stdout: int = subprocess.DEVNULL,
+    template: str | None = None,
 ) -> Started:
-    """A real render process (the API answers after 0.1 s, two requests at a
-    time, so the run lasts seconds). `new_session`: its own process group, so a
-    test can signal the whole group the way a terminal's Ctrl-C does."""
+    """A real render process (the API answers after 0.2 s, eight requests at
+    a time, so the run lasts seconds). `new_session`: its own process group, so
+    a test can signal the whole group the way a terminal's Ctrl-C does."""
     behaviour = api.serve("/users/*", lambda request: {"products": [request.path.split("/")[2].upper()]}, delay=0.2)
-    campaign = write_campaign(tmp_path / "c", recipients=people(n),
+    campaign = write_campaign(tmp_path / "c", recipients=people(n), template=template,
                               sources={"shop": source(api.url + "/users/{{ id }}/cart",
                                                       auth={"type": "bearer", "token_env": "SHOP_TOKEN"})})
     out = tmp_path / "out"

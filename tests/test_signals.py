@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import ScriptedAPI, render, report
+from conftest import HTML_TEMPLATE, ScriptedAPI, render, report
 from render_processes import (
     SECRET,
     assert_each_once,
@@ -85,3 +85,25 @@ def test_kill_9_of_the_main_process_leaves_no_render_process(
 
     assert result.exit_code == 0, result.output
     assert_each_once(started.out, started.ids)
+
+
+def test_a_render_that_never_ends_does_not_hold_up_the_stop(api: ScriptedAPI, tmp_path: Path) -> None:
+    """u000's render loops for hours; its data comes at once, everyone else's
+    after 0.2 s, so once another recipient's message is written, u000 is
+    surely in a render process. SIGTERM: u000 is given up after the grace."""
+    api.serve("/users/u000/cart", {"products": ["NOW"]})
+    endless = "{% if id == 'u000' %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}"
+    started = start_render(api, tmp_path, N, workers=2, template=HTML_TEMPLATE + endless)
+    children = []
+    try:
+        children = wait_mid_run(started, 2)
+        os.kill(started.process.pid, signal.SIGTERM)
+        _, stderr = started.process.communicate(timeout=30)
+        alive = survivors(children)
+    finally:
+        started.process.kill()
+        kill_all(children)
+    assert started.process.returncode == 143, stderr.decode()
+    assert alive == []
+    files_match_manifest(started.out)
+    assert not (started.out / "messages" / "u000.eml").exists()
