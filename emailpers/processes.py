@@ -6,7 +6,7 @@ keeps the campaign's secrets out of every process started meanwhile (render
 processes and multiprocessing's resource tracker), and `RenderPool` starts
 the render processes and ends them, with a deadline.
 
-In a render process: `serve_the_parent` leaves SIGINT and SIGTERM to the main
+In a render process: `bind_to_parent` leaves SIGINT and SIGTERM to the main
 process (a terminal's Ctrl-C reaches the whole process group) and makes the
 process die with its parent, even after `kill -9` of the parent.
 """
@@ -127,7 +127,7 @@ class RenderPool:
 # -- in a render process ----------------------------------------------------------------------
 
 
-def serve_the_parent() -> None:
+def bind_to_parent() -> None:
     """Called first in a render process. SIGINT and SIGTERM are the main
     process's to handle: it ends the render processes when it is done. When
     the main process dies, this one dies too: at once through the kernel on
