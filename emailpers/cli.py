@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -16,7 +19,7 @@ import click
 from emailpers import __version__
 from emailpers.cache import ResponseCache
 from emailpers.campaign import Campaign, load_campaign
-from emailpers.errors import CampaignError, EmailpersError
+from emailpers.errors import CampaignError, EmailpersError, Interrupted
 from emailpers.output import FORMATS
 from emailpers.pipeline import (
     DEFAULT_CONCURRENCY,
@@ -47,7 +50,8 @@ def cli() -> None:
     Exit codes: 0 every recipient has an outcome, 1 the run could not start
     (or stopped on an error: a disk error, a folder in use), 2 usage, 3 some
     recipient in the manifest failed (or --max-failures stopped the run),
-    4 stopped early by --max-error-rate.
+    4 stopped early by --max-error-rate, 130 and 143 stopped by SIGINT
+    (Ctrl-C) and SIGTERM: rerun to resume.
     """
 
 
@@ -58,15 +62,38 @@ def _fail(exc: EmailpersError) -> None:
     sys.exit(exc.exit_code)
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside a run (which handles it itself): a BaseException, like
+    KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
+    """Errors become `Error: ...` and their exit code; SIGINT and SIGTERM
+    become 130 and 143 (128 + the signal's number, as a shell reports it)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         yield
+    except Interrupted as exc:  # not an error: no "Error:" in front
+        if exc.report is not None:
+            click.echo(summary(exc.report))
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_code)
     except EmailpersError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        click.echo("Interrupted: finished recipients are in the manifest; run the same command to resume.", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+        click.echo(f"Interrupted by {signum.name}: finished recipients are in the manifest; run the same command "
+                   "to resume.", err=True)
+        sys.exit(128 + signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class ProgressLine:

@@ -8,7 +8,8 @@
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
     ├── TooManyFailures            --max-failures recipients failed; the run stopped (exit 3)
-    └── UnhealthySource            a source failed too often; the run stopped early (exit 4)
+    ├── UnhealthySource            a source failed too often; the run stopped early (exit 4)
+    └── Interrupted                SIGINT or SIGTERM stopped the run (exit 130 or 143)
 
     RecipientError                 one recipient cannot be served; recorded in the manifest,
     │                              the run goes on
@@ -68,6 +69,16 @@ class UnhealthySource(EmailpersError):
     """A source failed for too large a share of its latest fetches."""
 
     exit_code = 4
+
+
+class Interrupted(EmailpersError):
+    """SIGINT or SIGTERM stopped the run; what finished is in the manifest.
+    The exit code is the shell's for death by that signal: 128 + its number."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 class RecipientError(Exception):

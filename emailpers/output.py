@@ -166,22 +166,29 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+_SUFFIXES = {"eml": (".eml",), "html": (".html", ".txt"), "all": (".eml", ".html", ".txt")}
+
+
+def message_files(recipient_id: str, formats: str) -> list[str]:
+    """The files `write_message` writes for a recipient, relative to the output folder."""
+    stem = file_stem(recipient_id)
+    return [f"{MESSAGES}/{stem}{suffix}" for suffix in _SUFFIXES[formats]]
+
+
 def write_message(out: Path, recipient_id: str, to: str, message: Email, formats: str, envelope: Envelope) -> list[str]:
     """Write one recipient's files whole; return their paths relative to `out`.
 
     Raises OutputError when the disk refuses (full, read-only, quota, I/O
     error): that is not this recipient's fault and would fail every later one,
     so the run stops, and the recipient is not recorded (a rerun does it)."""
-    stem = file_stem(recipient_id)
-    written: list[tuple[str, bytes]] = []
-    if formats in ("eml", "all"):
-        written.append((f"{stem}.eml", build_eml(message, to, envelope)))
-    if formats in ("html", "all"):
-        written.append((f"{stem}.html", message.html.encode()))
-        written.append((f"{stem}.txt", message.text.encode()))
+    names = message_files(recipient_id, formats)
     try:
-        for name, data in written:
-            write_atomic(out / MESSAGES / name, data)
+        for name in names:
+            if name.endswith(".eml"):
+                data = build_eml(message, to, envelope)
+            else:
+                data = (message.html if name.endswith(".html") else message.text).encode()
+            write_atomic(out / name, data)
     except OSError as exc:
         code = errno.errorcode.get(exc.errno or 0, "?")
         raise OutputError(
@@ -189,4 +196,4 @@ def write_message(out: Path, recipient_id: str, to: str, message: Email, formats
             "whose files were not written are not in the manifest: free space or fix the folder, then run the "
             "same command again to resume"
         ) from None
-    return [f"{MESSAGES}/{name}" for name, _ in written]
+    return names

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
-import multiprocessing
 import os
 import re
+import signal
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -26,10 +27,18 @@ from emailpers.batching import Batcher
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
 from emailpers.checks import check_campaign
-from emailpers.errors import EmailpersError, OutputError, RenderProcessDied, TooManyFailures, UnhealthySource
+from emailpers.errors import (
+    EmailpersError,
+    Interrupted,
+    OutputError,
+    RenderProcessDied,
+    TooManyFailures,
+    UnhealthySource,
+)
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
 from emailpers.output import REPORT, write_atomic
+from emailpers.processes import RenderPool, environment_without, stop_on_signals
 from emailpers.recipients import Preflight, Row, preflight, read_recipients
 from emailpers.report import build_report
 from emailpers.sources import Fetched, Fetcher, SourceStats
@@ -44,6 +53,11 @@ HEALTH_MINIMUM = 20  # fetches before the guard may judge at all
 # process's time, which is the bottleneck of a run.
 RENDER_CHUNK = 32
 RENDER_LINGER = 0.005
+# After a stop (a signal, an error), recipients already in a render process
+# get this long to finish and be recorded; the pool's processes then get this
+# long to exit before they are killed. A supervisor sends SIGKILL ~10 s after
+# SIGTERM (docker stop, systemd's default is 90 s).
+STOP_GRACE = 3.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,12 @@ class Run:
         self.on_disk: Done | None = None  # the manifest as read back after a failed write
         self.report: dict[str, Any] = {}
         self.preflight = Preflight(columns=(), rows=0)
+        self.signal: int | None = None  # SIGINT or SIGTERM, once one asked the run to stop
+        self.abandoned: list[str] = []  # ids whose render was given up: their files may exist, unrecorded
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rendering: set[asyncio.Task[None]] = set()  # tasks whose recipient is in a render process
+        self._wake = asyncio.Event()  # set on a stop, and when the last task ends
 
     def execute(self) -> dict[str, Any]:
         """Run, then always: close, sweep what a stop left unlisted, report.
@@ -180,7 +200,7 @@ class Run:
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the report
             error = exc
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.close(0 if self.abandoned else STOP_GRACE)
         if cache is not None:
             cache.close()
         if self.manifest is not None:
@@ -227,26 +247,67 @@ class Run:
             warnings=self.preflight.warnings,
         )
 
-    def _pool(self) -> concurrent.futures.ProcessPoolExecutor | None:
+    def _pool(self) -> RenderPool | None:
         workers = default_workers() if self.options.workers is None else self.options.workers
         if workers <= 0 or self.job is None:
             return None
         # Workers get the campaign without its sources: they never see a secret.
-        return concurrent.futures.ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker,  # type: ignore[arg-type]  # typeshed cannot tie initargs to it
-            initargs=(replace(self.campaign, sources={}), self.options.out, self.options.formats),  # type: ignore[arg-type]
+        return RenderPool(workers, init_worker, (replace(self.campaign, sources={}), self.options.out, self.options.formats))
+
+    # -- stopping ---------------------------------------------------------------------
+
+    @property
+    def _stopping(self) -> bool:
+        return self.fatal is not None or self.signal is not None
+
+    def _on_signal(self, signum: int) -> None:
+        """SIGINT or SIGTERM, in the main thread between two bytecodes: note
+        it, and let the event loop (if one runs) stop the run."""
+        if self.signal is None:
+            self.signal = signum
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._stop)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    def _stop(self) -> None:
+        """Stop taking recipients. Fetches in flight are abandoned at once:
+        nothing of theirs is on disk yet."""
+        for task in self._tasks - self._rendering:
+            task.cancel()
+        self._wake.set()
+
+    async def _wind_down(self) -> None:
+        """End the run's tasks. Recipients already in a render process get
+        STOP_GRACE seconds to finish and be recorded, then are abandoned too."""
+        for task in self._tasks - self._rendering:
+            task.cancel()
+        if self._rendering:
+            await asyncio.wait(set(self._rendering), timeout=STOP_GRACE)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _interrupted(self, signum: int) -> Interrupted:
+        done = sum(self.counts.values())
+        return Interrupted(
+            signum,
+            f"Interrupted by {signal.Signals(signum).name}: the {done} recipients finished this run are in the "
+            "manifest; run the same command to resume",
         )
 
-    async def _run(self, cache: ResponseCache | None, pool: concurrent.futures.Executor | None) -> None:
+    # -- the event loop ------------------------------------------------------------------
+
+    async def _run(self, cache: ResponseCache | None, pool: RenderPool | None) -> None:
         options = self.options
+        self._loop = asyncio.get_running_loop()
         if pool is not None:
-            loop = asyncio.get_running_loop()
+            loop = self._loop
 
             async def render_chunk(jobs: list[Job]) -> list[Served]:
                 try:
-                    return await loop.run_in_executor(pool, serve_chunk, jobs)
+                    return await loop.run_in_executor(pool.executor, serve_chunk, jobs)
                 except concurrent.futures.BrokenExecutor:
                     raise RenderProcessDied(
                         "a render process died (out of memory, or killed); finished recipients are in the "
@@ -259,35 +320,43 @@ class Run:
             self.fetcher_stats = fetcher.stats()
             batch_sizes = [s.batch.size for s in self.campaign.sources.values() if s.batch]
             window = asyncio.Semaphore(2 * max([options.concurrency, *batch_sizes]))
-            tasks: set[asyncio.Task[None]] = set()
+            tasks = self._tasks
             seen: set[str] = set()
 
             def finished(task: asyncio.Task[None]) -> None:
                 tasks.discard(task)
+                self._rendering.discard(task)
                 window.release()
                 if not task.cancelled() and task.exception() is not None and self.fatal is None:
                     self.fatal = task.exception()
+                    self._stop()
+                if not tasks:
+                    self._wake.set()
 
             try:
                 for row in self._rows(seen):
+                    if self._stopping:
+                        break
                     if row.problem is not None:
                         self._record(row, "invalid", error=row.problem)
                         continue
                     await window.acquire()
-                    if self.fatal is not None:
+                    if self._stopping:
                         break
                     task = asyncio.create_task(self._serve(row, fetcher))
                     tasks.add(task)
                     task.add_done_callback(finished)
-                while tasks and self.fatal is None:
-                    await asyncio.wait(set(tasks), return_when=asyncio.FIRST_EXCEPTION)
+                while tasks and not self._stopping:
+                    self._wake.clear()
+                    await self._wake.wait()
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await self._wind_down()
+                self._loop = None
                 self.fetcher_stats = fetcher.stats()
             if self.fatal is not None:
                 raise self.fatal
+            if self.signal is not None:
+                raise self._interrupted(self.signal)
 
     def _rows(self, seen: set[str]) -> Iterator[Row]:
         """Rows still to do, with duplicate ids turned invalid. Rows an earlier
@@ -322,8 +391,18 @@ class Run:
             self._record(row, "skipped", fetched=fetched, error=reason)
             return
         job: Job = (row.id, row.email, row.fields, data, failures)
-        served = self.job(*job) if self.render_queue is None else await self.render_queue.submit(job)
-        if self.fatal is not None:  # the run is stopping: this recipient's files are swept, it is redone
+        if self.render_queue is None:
+            served = self.job(*job)
+        else:
+            task = asyncio.current_task()
+            assert task is not None
+            self._rendering.add(task)
+            try:
+                served = await self.render_queue.submit(job)
+            except BaseException:  # given up, or its process died: it may have written files
+                self.abandoned.append(row.id)
+                raise
+        if self.fatal is not None:  # the run is stopping on an error: this recipient's files are swept, it is redone
             return
         self._count_fallbacks(served, failures, fetcher)
         self._record(row, served.status, fetched=fetched, served=served)
@@ -377,9 +456,31 @@ class Run:
 def render_campaign(campaign: Campaign, options: RunOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Render every recipient of `campaign` into `options.out`; return the report.
     Raises EmailpersError subclasses for what stops a run."""
-    return Run(campaign, options, progress).execute()
+    return _execute(Run(campaign, options, progress))
+
+
+def _execute(run: Run) -> dict[str, Any]:
+    """SIGINT and SIGTERM stop the run (it raises Interrupted). While it runs,
+    the campaign's secrets are out of os.environ, so that no process started
+    meanwhile (render processes, multiprocessing's resource tracker) has them
+    in its environment."""
+    with stop_on_signals(run._on_signal), environment_without(_secrets(run.campaign)):
+        return run.execute()
+
+
+def _secrets(campaign: Campaign) -> list[str]:
+    """Every credential value of the campaign: the Auth fields kept out of repr()."""
+    found: list[str] = []
+    for source in campaign.sources.values():
+        for f in dataclasses.fields(source.auth) if source.auth is not None else ():
+            if f.repr:
+                continue
+            value = getattr(source.auth, f.name)
+            # secret_token_params: (name, value) pairs
+            found += [v for _, v in value] if isinstance(value, tuple) else [value]
+    return found
 
 
 def warm_cache(campaign: Campaign, options: RunOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Fetch every recipient's data into the cache, render nothing."""
-    return Run(campaign, replace(options, out=None, offline=False, use_cache=True), progress).execute()
+    return _execute(Run(campaign, replace(options, out=None, offline=False, use_cache=True), progress))

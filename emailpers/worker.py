@@ -13,6 +13,7 @@ from typing import Any
 from emailpers.campaign import Campaign
 from emailpers.errors import OutputError, RenderFailed
 from emailpers.output import Envelope, write_message
+from emailpers.processes import bind_to_parent
 from emailpers.render import Renderer
 
 Job = tuple[str, str, dict[str, Any], dict[str, Any], dict[str, str]]  # the arguments of RenderJob
@@ -53,7 +54,9 @@ _job: RenderJob | None = None
 
 
 def init_worker(campaign: Campaign, out: Path, formats: str) -> None:
+    """The pool's initializer: runs once in each render process."""
     global _job
+    bind_to_parent()
     _job = RenderJob(campaign, out, formats)
 
 
