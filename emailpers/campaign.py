@@ -567,7 +567,7 @@ def _check_path(loader: _Loader, where: str, key: str, url: str, allow_http: boo
         raise loader.error(
             where, key, f"must be a path starting with a single '/' (base_url_from gives the origin), got {url!r}"
         )
-_URL_SYNTAX = jinja2.Environment()  # parses only: URLs render in sources.url_environment
+_URL_SYNTAX = jinja2.Environment()  # parses only: URLs render in urls.url_environment
 
 
 def _check_url(loader: _Loader, where: str, key: str, url: str, allow_http: bool) -> None:
