@@ -23,11 +23,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from emailpers.campaign import LOOPBACK_HOSTS, Auth
 from emailpers.errors import AuthFailed
-from emailpers.http import BadBody, BodyTooLarge, HttpClient
+from emailpers.http import BadBody, BodyTooLarge, ConnectionFailed, HttpClient
 
 TOKEN_MAX_BYTES = 64 * 1024  # a token response is a few KB; a larger one is refused, not read
 TOKEN_TIMEOUT = 10.0  # seconds for one token request
@@ -129,7 +127,9 @@ class TokenProvider:
             ) from None
         except BadBody as exc:
             raise AuthFailed(f"{where}: the token endpoint's answer cannot be read: {exc}") from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except ConnectionFailed as exc:
+            raise AuthFailed(f"{where}: cannot reach the token endpoint: {exc}") from None
+        except TimeoutError as exc:
             raise AuthFailed(f"{where}: cannot reach the token endpoint: {type(exc).__name__}: {exc}") from None
         if response.status != 200:
             others = " or ".join(f'"{m}"' for m in _METHODS if m != auth.client_auth)

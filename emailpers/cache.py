@@ -229,20 +229,22 @@ class ResponseCache:
         _check_folder(directory)
         try:
             self._cache = diskcache.Cache(str(directory), timeout=LOCK_TIMEOUT, disk=_DataOnlyDisk, **_SETTINGS)
-            # A cache that was empty when the run began holds only this run's own
-            # answers, which a later recipient asking the same URL gets from the
-            # fetcher's dedupe: a cold run skips 20,000 SQLite lookups that all miss.
+            # A cache that was empty when the run began holds only what this
+            # instance wrote: a cold run skips 20,000 SQLite lookups that all miss.
             self._started_empty = len(self._cache) == 0
         except (sqlite3.Error, OSError, TypeError, ValueError) as exc:  # TypeError: a count that is no number
             raise _unusable(directory, f"{type(exc).__name__}: {exc}") from None
         self._pending: dict[str, tuple[Entry, bytes, float]] = {}
+        # When it started empty, hash() of every key this instance flushed: only
+        # those are worth a lookup. A collision costs one lookup, never a wrong answer.
+        self._flushed: set[int] = set()
         self._last_flush = time.monotonic()
 
     def get(self, key: str) -> Entry | None:
         pending = self._pending.get(key)
         if pending is not None:
             return pending[0]
-        if self._started_empty:
+        if self._started_empty and hash(key) not in self._flushed:
             return None
         try:
             raw = self._cache.get(key)
@@ -268,6 +270,8 @@ class ResponseCache:
                 with self._cache.transact():
                     for key, (_, raw, expire) in self._pending.items():
                         self._cache.set(key, raw, expire=expire)
+                if self._started_empty:
+                    self._flushed.update(map(hash, self._pending))
             except (sqlite3.Error, OSError):
                 self.write_errors += len(self._pending)
             self._pending.clear()

@@ -13,6 +13,7 @@ import email.utils
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,7 @@ class _Table:
         return {name: self._secret(key, var, f"{name} = {var!r}: ") for name, var in self.strings(key).items()}
 
     def _secret(self, key: str, var: str, item: str = "") -> str:
-        value = os.environ.get(var)
+        value = self.loader.env.get(var)
         if value is None and not self.loader.need_secrets:
             return ""
         if value is None:
@@ -258,9 +259,10 @@ _KEY = re.compile(r"""^\s*("?)([A-Za-z0-9_.-]+)\1\s*=""")
 
 
 class _Loader:
-    def __init__(self, path: Path, text: str, need_secrets: bool) -> None:
+    def __init__(self, path: Path, text: str, need_secrets: bool, env: Mapping[str, str]) -> None:
         self.path = path
         self.need_secrets = need_secrets
+        self.env = env
         self.lines: dict[tuple[str, str | None], int] = {}
         table = ""
         for number, line in enumerate(text.splitlines(), start=1):
@@ -295,10 +297,12 @@ def load_campaign(
     *,
     need_secrets: bool = True,
     recipients_label: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Campaign:
     """Read and validate a campaign file. `recipients` overrides [recipients] path
     (`recipients_label` is what errors then call it, "<stdin>" for a spooled copy).
-    `need_secrets=False` (cache stats, clear) tolerates unset `*_env` variables."""
+    `need_secrets=False` (cache stats, clear) tolerates unset `*_env` variables.
+    `env`: where `*_env` keys are looked up; None: the process environment."""
     path = Path(path).resolve()
     try:
         text = path.read_text(encoding="utf-8")
@@ -308,7 +312,7 @@ def load_campaign(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CampaignError(f"{path}: not valid TOML: {exc}") from None
-    loader = _Loader(path, text, need_secrets)
+    loader = _Loader(path, text, need_secrets, os.environ if env is None else env)
     top = _Table(loader, data, "campaign file")
     top.no_unknown({"campaign", "recipients", "sources", "auth"})
 
@@ -567,7 +571,7 @@ def _check_path(loader: _Loader, where: str, key: str, url: str, allow_http: boo
         raise loader.error(
             where, key, f"must be a path starting with a single '/' (base_url_from gives the origin), got {url!r}"
         )
-_URL_SYNTAX = jinja2.Environment()  # parses only: URLs render in sources.url_environment
+_URL_SYNTAX = jinja2.Environment()  # parses only: URLs render in urls.url_environment
 
 
 def _check_url(loader: _Loader, where: str, key: str, url: str, allow_http: bool) -> None:

@@ -9,7 +9,6 @@ sends, so the demo exercises auth too.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -133,13 +132,14 @@ def run_demo(out: Path) -> Iterator[tuple[str, dict[str, Any], Path]]:
     """Render the sample campaign twice: cold into `out`, then on the warm
     cache into `out/warm-run`. Yields (title, report, folder) per run."""
     root = project_root()
-    os.environ["SHOP_API_TOKEN"] = DEMO_TOKEN  # the sample API checks these
-    os.environ["SHOP_API_KEY"] = DEMO_KEY
+    # The sample API checks these; the campaign reads them from this environment
+    # rather than the process's, which the demo leaves as it found it.
+    env = {"SHOP_API_TOKEN": DEMO_TOKEN, "SHOP_API_KEY": DEMO_KEY}
     fixtures = json.loads((root / "sample_data" / "api.json").read_text(encoding="utf-8"))
     cache_dir = out / ".emailpers-cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
     with SampleAPI(fixtures) as api:
-        campaign = point_at(load_campaign(root / "templates" / "campaign.toml"), api.origin)
+        campaign = point_at(load_campaign(root / "templates" / "campaign.toml", env=env), api.origin)
         runs = (("Run 1: cold cache", out), ("Run 2: same campaign on the warm cache", out / "warm-run"))
         for title, folder in runs:
             options = RunOptions(out=folder, cache_dir=cache_dir, fresh=True, workers=0)

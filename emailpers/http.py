@@ -8,6 +8,12 @@ fetch layer spend about as much CPU in httpx (request building, cookie
 handling, header merging) as in aiohttp itself, and a profile of a cold render
 put 13% of all its time there. See README, Performance, for the figures.
 
+This module is the only one that imports aiohttp: `_mapped_errors` turns its
+exceptions into our own (`ConnectionFailed`) in one place, as httpx's
+`map_httpcore_exceptions` does for httpcore, so the layers above catch what
+we define and aiohttp could be swapped here alone. It also reads the HTTP
+headers the fetch layer acts on (Retry-After, Cache-Control).
+
 Two properties matter beyond speed:
 - the URL goes over exactly as emailpers encoded it (yarl would otherwise
   decode escapes such as %2E%2E and resolve the path);
@@ -17,10 +23,12 @@ Two properties matter beyond speed:
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import json
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import quote
@@ -43,6 +51,27 @@ _URL_SAFE = ":/?#[]@!$&'()*+,;=%~-._"
 # and, with a Content-Length, the whole body, blocking the event loop.
 ACCEPT_ENCODING = "gzip, deflate"
 _READ_CHUNK = 64 * 1024
+
+
+class ConnectionFailed(Exception):
+    """No HTTP answer: the connection was refused, reset, or broke mid-body.
+    `kind` names what happened (the transport's exception class)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+@contextlib.contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """aiohttp's exceptions as ours, the one place they are caught. A timeout
+    stays a TimeoutError (aiohttp's own timeouts are TimeoutErrors too)."""
+    try:
+        yield
+    except TimeoutError:
+        raise
+    except aiohttp.ClientError as exc:
+        raise ConnectionFailed(type(exc).__name__, str(exc)) from None
 
 
 class BadBody(Exception):
@@ -155,15 +184,16 @@ class HttpClient:
         return self._session
 
     async def get(self, url: str, headers: Mapping[str, str], *, max_bytes: int) -> Response:
-        """GET without following redirects; raises aiohttp.ClientError, BadBody
+        """GET without following redirects; raises ConnectionFailed, BadBody
         (BodyTooLarge). The body is read whole and decoded, up to `max_bytes`
         on the wire and after decoding, whatever the headers announce."""
         request_headers = CIMultiDict(headers)
         request_headers.setdefault("Accept-Encoding", ACCEPT_ENCODING)
-        async with self._open().get(
-            _url(url), headers=request_headers, allow_redirects=False, auto_decompress=False
-        ) as response:
-            return Response(response.status, response.headers, await _read_capped(response, max_bytes))
+        with _mapped_errors():
+            async with self._open().get(
+                _url(url), headers=request_headers, allow_redirects=False, auto_decompress=False
+            ) as response:
+                return Response(response.status, response.headers, await _read_capped(response, max_bytes))
 
     async def post(
         self,
@@ -176,7 +206,7 @@ class HttpClient:
         max_bytes: int,
     ) -> Response:
         """A POST of a form or a JSON body (the OAuth token request), without
-        following redirects; raises aiohttp.ClientError, TimeoutError,
+        following redirects; raises ConnectionFailed, TimeoutError,
         BodyTooLarge. At most `max_bytes` of the body are read, counted after
         any Content-Encoding is undone."""
         if json_body is not None:
@@ -185,15 +215,16 @@ class HttpClient:
         else:
             data = dict(form) if form is not None else None
         headers = {"Accept-Encoding": ACCEPT_ENCODING, **headers}
-        async with self._open().post(
-            _url(url),
-            data=data,
-            headers=headers,
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            auto_decompress=False,
-        ) as response:
-            return Response(response.status, response.headers, await _read_capped(response, max_bytes))
+        with _mapped_errors():
+            async with self._open().post(
+                _url(url),
+                data=data,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                auto_decompress=False,
+            ) as response:
+                return Response(response.status, response.headers, await _read_capped(response, max_bytes))
 
     async def close(self) -> None:
         if self._session is not None:
@@ -206,3 +237,39 @@ class HttpClient:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+# -- headers the fetch layer acts on ------------------------------------------------
+
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta seconds or HTTP date);
+    `now` is wall-clock time, as the date is."""
+    if not value:
+        return None
+    value = value.strip()
+    if _ASCII_DIGITS.fullmatch(value):  # not str.isdigit(): '²' and '①' are digits to it
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError, OverflowError, OSError, IndexError):
+        return None
+
+
+def parse_max_age(value: str | None) -> tuple[bool, float | None]:
+    """(storable, max-age) from Cache-Control. `private` is not storable: the
+    cache is shared by every recipient of every run, a shared cache in RFC 9111's
+    sense, so `s-maxage` counts as well (the smaller of the two wins)."""
+    if not value:
+        return True, None
+    storable, max_age = True, None
+    for part in value.lower().split(","):
+        name, _, arg = part.strip().partition("=")
+        if name in ("no-store", "no-cache", "private"):
+            storable = False
+        elif name in ("max-age", "s-maxage") and _ASCII_DIGITS.fullmatch(arg := arg.strip().strip('"')):
+            age = float(arg)
+            max_age = age if max_age is None else min(max_age, age)
+    return storable, max_age

@@ -38,6 +38,7 @@ from emailpers.errors import (
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
 from emailpers.output import REPORT, write_atomic
+from emailpers.pacing import REAL_TIMING, Timing
 from emailpers.processes import RenderPool, environment_without, stop_on_signals
 from emailpers.recipients import Preflight, Row, preflight, read_recipients
 from emailpers.report import build_report
@@ -148,9 +149,12 @@ class Run:
         campaign: Campaign,
         options: RunOptions,
         progress: Progress | None = None,
+        *,
+        timing: Timing = REAL_TIMING,
     ) -> None:
         self.campaign = campaign
         self.options = options
+        self.timing = timing
         self.progress = progress or (lambda n, resumed: None)
         # Built first: it validates every template before anything runs.
         self.job = RenderJob(campaign, options.out, options.formats) if options.out is not None else None
@@ -189,7 +193,7 @@ class Run:
         try:
             if self.options.use_cache or self.options.offline:
                 # First: an unusable cache folder stops the run before --fresh clears anything.
-                cache = ResponseCache(cache_directory(self.campaign, self.options))
+                cache = ResponseCache(cache_directory(self.campaign, self.options), clock=self.timing.wall_clock)
             if out is not None and self.job is not None:
                 files = campaign_files(self.campaign, self.job.renderer.template_files)
                 run = fingerprint(self.campaign.root, files, self.options.formats)
@@ -316,7 +320,9 @@ class Run:
 
             self.render_queue = Batcher(RENDER_CHUNK, RENDER_LINGER, render_chunk)
         async with make_client(options.concurrency) as client:
-            fetcher = Fetcher(self.campaign, client, cache, offline=options.offline, concurrency=options.concurrency)
+            fetcher = Fetcher(
+                self.campaign, client, cache, offline=options.offline, concurrency=options.concurrency, timing=self.timing
+            )
             self.fetcher_stats = fetcher.stats()
             batch_sizes = [s.batch.size for s in self.campaign.sources.values() if s.batch]
             window = asyncio.Semaphore(2 * max([options.concurrency, *batch_sizes]))
@@ -453,10 +459,13 @@ class Run:
             raise self.fatal
 
 
-def render_campaign(campaign: Campaign, options: RunOptions, progress: Progress | None = None) -> dict[str, Any]:
+def render_campaign(
+    campaign: Campaign, options: RunOptions, progress: Progress | None = None, *, timing: Timing = REAL_TIMING
+) -> dict[str, Any]:
     """Render every recipient of `campaign` into `options.out`; return the report.
-    Raises EmailpersError subclasses for what stops a run."""
-    return _execute(Run(campaign, options, progress))
+    Raises EmailpersError subclasses for what stops a run. `timing`: the clocks,
+    sleep and random source the fetches read (a test passes fake ones)."""
+    return _execute(Run(campaign, options, progress, timing=timing))
 
 
 def _execute(run: Run) -> dict[str, Any]:
@@ -481,6 +490,9 @@ def _secrets(campaign: Campaign) -> list[str]:
     return found
 
 
-def warm_cache(campaign: Campaign, options: RunOptions, progress: Progress | None = None) -> dict[str, Any]:
+def warm_cache(
+    campaign: Campaign, options: RunOptions, progress: Progress | None = None, *, timing: Timing = REAL_TIMING
+) -> dict[str, Any]:
     """Fetch every recipient's data into the cache, render nothing."""
-    return _execute(Run(campaign, replace(options, out=None, offline=False, use_cache=True), progress))
+    options = replace(options, out=None, offline=False, use_cache=True)
+    return _execute(Run(campaign, options, progress, timing=timing))
