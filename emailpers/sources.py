@@ -95,7 +95,6 @@ class SourceStats:
     status_429: int = 0
     stale: int = 0
     token_renewals: int = 0
-    fallbacks: int = 0
     latencies_ms: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes each, not ~32
     error_kinds: dict[str, int] = field(default_factory=dict)
 
