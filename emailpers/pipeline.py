@@ -302,6 +302,7 @@ class Run:
             self.render_queue = Batcher(RENDER_CHUNK, RENDER_LINGER, render_chunk)
         async with make_client(options.concurrency) as client:
             fetcher = Fetcher(self.campaign, client, cache, offline=options.offline, concurrency=options.concurrency)
+            self.network = fetcher.stats()  # read at the report, whatever ends the run
             batch_sizes = [s.batch.size for s in self.campaign.sources.values() if s.batch]
             window = asyncio.Semaphore(2 * max([options.concurrency, *batch_sizes]))
             tasks = self._tasks
