@@ -14,7 +14,7 @@ summed over the process tree, polled every 50 ms; CPU of the tree):
   emailpers cold        `emailpers render` on an empty response cache
   emailpers warm        the same again on the full cache, into a new output folder
   emailpers cache warm  `emailpers cache warm` on an empty cache: fetch and store, no render
-  Fetcher, no cache     emailpers.sources.Fetcher alone: the HTTP layer, no cache, no pipeline
+  Fetcher, no cache     emailpers.fetch.Fetcher alone: the HTTP layer, no cache, no pipeline
   raw aiohttp           a bare aiohttp loop at the same concurrency: the fetch ceiling
   naive                 a hand-written script: sequential httpx, Jinja, MJML, EmailMessage
 
@@ -163,7 +163,7 @@ async def fetch_only(campaign_file: Path, recipients: Path, concurrency: int) ->
     from emailpers.campaign import load_campaign
     from emailpers.pipeline import make_client
     from emailpers.recipients import read_recipients
-    from emailpers.sources import Fetcher
+    from emailpers.fetch import Fetcher
 
     campaign = load_campaign(campaign_file, recipients)
     rows = read_recipients(campaign.recipients)  # shared: each worker takes the next row

@@ -33,8 +33,6 @@ from emailpers.pipeline import (
 from emailpers.recipients import count_rows, recipients_argument
 from emailpers.report import STATUSES, summary
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_RECIPIENTS = 0, 1, 2, 3
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="emailpers")
@@ -59,7 +57,7 @@ def _fail(exc: EmailpersError) -> None:
     if exc.report is not None:  # a run that stopped: what it did, then why it stopped
         click.echo(summary(exc.report))
     click.echo(f"Error: {exc}", err=True)
-    sys.exit(exc.exit_code)
+    sys.exit(exc.report.exit_code if exc.report is not None else exc.exit_code)
 
 
 class _Terminated(BaseException):
@@ -83,7 +81,7 @@ def _errors() -> Iterator[None]:
         if exc.report is not None:
             click.echo(summary(exc.report))
         click.echo(str(exc), err=True)
-        sys.exit(exc.exit_code)
+        sys.exit(exc.report.exit_code if exc.report is not None else exc.exit_code)
     except EmailpersError as exc:
         _fail(exc)
     except (KeyboardInterrupt, _Terminated) as exc:
@@ -256,11 +254,9 @@ def render(
             report = render_campaign(campaign, options, update)
     click.echo(summary(report))
     click.echo(f"Output: {out}/ (manifest.jsonl, report.json, messages/)")
-    # The whole manifest, not this run: a rerun that skips failed recipients never reports success.
-    failed = report["total"]["failed"]
-    if failed and not report["this_run"]["failed"]:
-        click.echo(f"{failed} recipients failed in an earlier run; --redo failed does them again", err=True)
-    sys.exit(EXIT_FAILED_RECIPIENTS if failed else EXIT_OK)
+    if report.failed_earlier:
+        click.echo(f"{report.failed_earlier} recipients failed in an earlier run; --redo failed does them again", err=True)
+    sys.exit(report.exit_code)
 
 
 @cli.group()
@@ -291,7 +287,7 @@ def cache_warm(
         with _progress(campaign, progress, "Warming") as update:
             report = warm_cache(campaign, options, update)
     click.echo(summary(report))
-    sys.exit(EXIT_FAILED_RECIPIENTS if report["this_run"].get("failed") else EXIT_OK)
+    sys.exit(report.exit_code)
 
 
 def _open_cache(campaign_file: Path, cache_dir: Path | None) -> tuple[Campaign, ResponseCache]:

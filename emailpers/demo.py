@@ -23,6 +23,7 @@ from typing import Any
 from emailpers.campaign import Campaign, load_campaign
 from emailpers.errors import CampaignError
 from emailpers.pipeline import RunOptions, render_campaign
+from emailpers.report import Report
 
 DEMO_TOKEN = "demo-token-not-a-secret"
 DEMO_KEY = "demo-key-not-a-secret"
@@ -128,7 +129,7 @@ def point_at(campaign: Campaign, origin: str) -> Campaign:
     return replace(campaign, sources=sources)
 
 
-def run_demo(out: Path) -> Iterator[tuple[str, dict[str, Any], Path]]:
+def run_demo(out: Path) -> Iterator[tuple[str, Report, Path]]:
     """Render the sample campaign twice: cold into `out`, then on the warm
     cache into `out/warm-run`. Yields (title, report, folder) per run."""
     root = project_root()

@@ -13,8 +13,7 @@
 
     RecipientError                 one recipient cannot be served; recorded in the manifest,
     │                              the run goes on
-    ├── InvalidRecipient           the row itself is bad (status "invalid")
-    └── RenderFailed               rendering failed (status "failed")
+    └── RenderFailed               rendering failed (the recipient fails: outcome.decide)
 
     SourceError                    one fetch for one recipient failed; becomes a fallback
     ├── FetchTimeout               no answer within the source's timeout
@@ -24,14 +23,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emailpers.report import Report
 
 
 class EmailpersError(Exception):
     """Base of the errors that end a command."""
 
     exit_code = 1
-    report: dict[str, Any] | None = None  # a run that stopped: its report, set as the error leaves it
+    report: Report | None = None  # a run that stopped: its report (and exit code), set as the error leaves it
 
 
 class CampaignError(EmailpersError):
@@ -83,10 +85,6 @@ class Interrupted(EmailpersError):
 
 class RecipientError(Exception):
     """One recipient cannot be served. The message goes into the manifest."""
-
-
-class InvalidRecipient(RecipientError):
-    """A row of the recipient file is unusable (no id, bad email, duplicate)."""
 
 
 class RenderFailed(RecipientError):

@@ -30,10 +30,10 @@ from emailpers.cache import ResponseCache, cache_key, request_identity
 from emailpers.campaign import Auth, Campaign, Source
 from emailpers.errors import AuthFailed, BadResponse, FetchTimeout, SourceError, TransientError
 from emailpers.http import BadBody, ConnectionFailed, HttpClient, Response, parse_max_age, parse_retry_after
+from emailpers.outcome import OK_OUTCOMES
 from emailpers.pacing import REAL_TIMING, RateLimiter, RetryPolicy, Timing
 from emailpers.urls import UrlTemplate, url_environment
 
-OK_OUTCOMES = frozenset({"live", "cache", "stale"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
 _ANSWERED_MAX = 4096  # live answers kept per run for request dedupe (least recently used go)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from emailpers.errors import OutputError
+from emailpers.outcome import OK_OUTCOMES, by_row
 from emailpers.output import MANIFEST, MESSAGES, REPORT, is_message_file, write_atomic
 
 RUN = "run.json"
@@ -79,7 +80,7 @@ class Done:
     def add(self, entry: dict[str, Any]) -> None:
         status = entry["status"]
         self.counts[status] = self.counts.get(status, 0) + 1
-        if status == "invalid":
+        if by_row(status):
             self.invalid_rows.add(entry.get("row", -1))
         else:
             self.ids.add(entry["id"])
@@ -88,8 +89,6 @@ class Done:
             if result.get("outcome") not in OK_OUTCOMES:
                 self.source_failures[name] = self.source_failures.get(name, 0) + 1
 
-
-OK_OUTCOMES = frozenset({"live", "cache", "stale"})
 
 
 class Manifest:
@@ -198,7 +197,7 @@ class Manifest:
                     entry = json.loads(line)
                     if not isinstance(entry, dict) or not isinstance(entry["status"], str):
                         raise TypeError
-                    if entry["status"] != "invalid" and not isinstance(entry["id"], str):
+                    if not by_row(entry["status"]) and not isinstance(entry["id"], str):
                         raise TypeError
                 except (ValueError, KeyError, TypeError):
                     raise OutputError(

@@ -72,9 +72,8 @@ class Envelope:
 
     @classmethod
     def parse(cls, from_: str) -> Envelope:
+        """`from_` as load_campaign checked it: it has an address."""
         name, address = email.utils.parseaddr(from_)
-        if "@" not in address:
-            raise OutputError(f"[campaign] from {from_!r} has no email address; write it as 'Name <user@domain>'")
         return cls(email.utils.formataddr((name, address), charset="utf-8"), address.rpartition("@")[2])
 
 

@@ -17,38 +17,29 @@ import os
 import re
 import signal
 import time
-from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from emailpers.batching import Batcher
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
 from emailpers.checks import check_campaign
-from emailpers.errors import (
-    EmailpersError,
-    Interrupted,
-    OutputError,
-    RenderProcessDied,
-    TooManyFailures,
-    UnhealthySource,
-)
+from emailpers.compose import Composer, compose_chunk, init_process
+from emailpers.errors import EmailpersError, Interrupted, OutputError, RenderProcessDied
+from emailpers.fetch import Fetched, Fetcher, SourceStats
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
+from emailpers.outcome import Outcome, RenderRequest, RenderResult, SourceResult, decide
 from emailpers.output import REPORT, write_atomic
 from emailpers.pacing import REAL_TIMING, Timing
 from emailpers.processes import RenderPool, environment_without, stop_on_signals
 from emailpers.recipients import Preflight, Row, preflight, read_recipients
-from emailpers.report import build_report
-from emailpers.sources import Fetched, Fetcher, SourceStats
-from emailpers.worker import Job, RenderJob, Served, init_worker, serve_chunk
+from emailpers.report import Report, SourceFigures, build_report
+from emailpers.tally import HealthGuard, Tally
 
 DEFAULT_CONCURRENCY = 32
 DEFAULT_MAX_ERROR_RATE = 0.5
-HEALTH_WINDOW = 200  # a source's latest fetches judged by --max-error-rate
-HEALTH_MINIMUM = 20  # fetches before the guard may judge at all
 # Recipients go to the render processes in chunks: one pickle and one pipe
 # round trip for many. Per recipient, that overhead was ~0.2 ms of the main
 # process's time, which is the bottleneck of a run.
@@ -91,34 +82,27 @@ def make_client(concurrency: int) -> HttpClient:
 # -- the run ------------------------------------------------------------------------
 
 
-class HealthGuard:
-    """Stops the run when more than `max_error_rate` of a source's latest
-    HEALTH_WINDOW network fetches failed: an API that dies at recipient 10,000
-    of 200,000 stops the run as surely as one that was never up."""
+def source_result(fetched: Fetched) -> SourceResult:
+    """What the outcome keeps of a fetch: everything but the data."""
+    return SourceResult(fetched.outcome, fetched.attempts, fetched.ms, fetched.status_code, fetched.error, fetched.shared)
 
-    def __init__(self, max_error_rate: float | None, window: int = HEALTH_WINDOW, minimum: int = HEALTH_MINIMUM) -> None:
-        self.max_error_rate = max_error_rate if max_error_rate is not None and max_error_rate < 1 else None
-        self.window = window
-        self.minimum = minimum
-        self.recent: dict[str, deque[str | None]] = {}  # per source: None for a success, else the error
-        self.failed: dict[str, int] = {}
 
-    def check(self, name: str, result: Fetched) -> None:
-        if self.max_error_rate is None or result.outcome in ("cache", "skipped") or result.shared:
-            return
-        recent = self.recent.setdefault(name, deque())
-        error = None if result.ok else (result.error or result.outcome)
-        recent.append(error)
-        failed = self.failed[name] = self.failed.get(name, 0) + (error is not None)
-        if len(recent) > self.window and recent.popleft() is not None:
-            failed = self.failed[name] = failed - 1
-        if len(recent) >= self.minimum and failed / len(recent) > self.max_error_rate:
-            common = Counter(e for e in recent if e is not None).most_common(1)[0][0]
-            raise UnhealthySource(
-                f"source {name!r}: {failed} of its last {len(recent)} fetches failed (more than "
-                f"{self.max_error_rate:.0%}); most common error: {common}. Stopped early; "
-                "fix the API and run the same command again to resume"
-            )
+def source_figures(stats: SourceStats, fallbacks: int) -> SourceFigures:
+    """A read-only copy of a source's network counters, for the report."""
+    return SourceFigures(
+        requests=stats.requests,
+        cache_hits=stats.cache_hits,
+        dedupe_hits=stats.dedupe_hits,
+        batches=stats.batches,
+        retries=stats.retries,
+        errors=stats.errors,
+        status_429=stats.status_429,
+        stale=stats.stale,
+        token_renewals=stats.token_renewals,
+        fallbacks=fallbacks,
+        latencies_ms=tuple(stats.latencies_ms),
+        error_kinds=dict(stats.error_kinds),
+    )
 
 
 _MJ_INCLUDE = re.compile(r"""<mj-include\b[^>]*?\bpath\s*=\s*["']([^"']+)["']""", re.IGNORECASE)
@@ -157,18 +141,14 @@ class Run:
         self.timing = timing
         self.progress = progress or (lambda n, resumed: None)
         # Built first: it validates every template before anything runs.
-        self.job = RenderJob(campaign, options.out, options.formats) if options.out is not None else None
+        self.job = Composer(campaign, options.out, options.formats) if options.out is not None else None
+        self.required = [name for name, source in campaign.sources.items() if source.required]
         self.manifest: Manifest | None = None
-        self.render_queue: Batcher[Job, Served] | None = None
-        self.counts: dict[str, int] = {}
+        self.render_queue: Batcher[RenderRequest, RenderResult] | None = None
+        self.tally = Tally(HealthGuard(options.max_error_rate), options.max_failures)
         self.fatal: BaseException | None = None
-        self.guard = HealthGuard(options.max_error_rate)
-        self.fetcher_stats: dict[str, SourceStats] = {}
-        # per source, over this run's recipients: asked for, and gave no data
-        self.source_recipients: dict[str, int] = {}
-        self.source_failures: dict[str, int] = {}
+        self.network: dict[str, SourceStats] = {}  # the fetcher's counters, as the run ended
         self.on_disk: Done | None = None  # the manifest as read back after a failed write
-        self.report: dict[str, Any] = {}
         self.preflight = Preflight(columns=(), rows=0)
         self.signal: int | None = None  # SIGINT or SIGTERM, once one asked the run to stop
         self.abandoned: list[str] = []  # ids whose render was given up: their files may exist, unrecorded
@@ -177,7 +157,7 @@ class Run:
         self._rendering: set[asyncio.Task[None]] = set()  # tasks whose recipient is in a render process
         self._wake = asyncio.Event()  # set on a stop, and when the last task ends
 
-    def execute(self) -> dict[str, Any]:
+    def execute(self) -> Report:
         """Run, then always: close, sweep what a stop left unlisted, report.
         Raises the error that stopped the run (the first one), its report attached."""
         out = self.options.out
@@ -216,37 +196,42 @@ class Run:
                 on_disk = self.manifest.sweep()  # files of recipients in flight at the stop, whose lines were never written
                 if self.manifest.broken:  # report what the manifest holds, not what was meant for it
                     self.on_disk = on_disk
-        self.report = self._build_report(time.monotonic() - started, error)
+        report = self._build_report(time.monotonic() - started, error)
         if out is not None and running:
             try:
-                write_atomic(out / REPORT, (json.dumps(self.report, indent=2) + "\n").encode())
+                write_atomic(out / REPORT, (json.dumps(report.to_json(), indent=2) + "\n").encode())
             except OSError as exc:
-                error = error or OutputError(f"{out / REPORT}: cannot write the report: {exc.strerror}")
+                if error is None:  # the run's exit code is this error's now
+                    error = OutputError(f"{out / REPORT}: cannot write the report: {exc.strerror}")
+                    report = replace(report, stop_code=error.exit_code)
         if error is not None:
             if isinstance(error, EmailpersError) and running:
-                error.report = self.report
+                error.report = report
             raise error
-        return self.report
+        return report
 
-    def _build_report(self, elapsed: float, error: BaseException | None) -> dict[str, Any]:
+    def _build_report(self, elapsed: float, error: BaseException | None) -> Report:
         done = self.manifest.done if self.manifest else Done()
-        counts = self.counts
+        tally = self.tally
+        counts: dict[str, int] = dict(tally.counts)
         recipients, failures = dict(done.source_recipients), dict(done.source_failures)
-        for name, n in self.source_recipients.items():
+        for name, n in tally.source_recipients.items():
             recipients[name] = recipients.get(name, 0) + n
-        for name, n in self.source_failures.items():
+        for name, n in tally.source_failures.items():
             failures[name] = failures.get(name, 0) + n
         if self.on_disk is not None:
             counts = {s: n - done.counts.get(s, 0) for s, n in self.on_disk.counts.items() if n > done.counts.get(s, 0)}
             recipients, failures = self.on_disk.source_recipients, self.on_disk.source_failures
+        stopped = error if isinstance(error, EmailpersError) else None
         return build_report(
             campaign=self.campaign.name,
             counts=counts,
             previous=done.counts,
-            sources=self.fetcher_stats,
+            sources={name: source_figures(stats, tally.fallbacks[name]) for name, stats in self.network.items()},
             source_failures={name: (failures.get(name, 0), n) for name, n in recipients.items()},
             elapsed=elapsed,
-            stopped=str(error) if isinstance(error, EmailpersError) else None,
+            stopped=str(stopped) if stopped else None,
+            stop_code=stopped.exit_code if stopped else None,
             warm=self.job is None,
             warnings=self.preflight.warnings,
         )
@@ -256,7 +241,7 @@ class Run:
         if workers <= 0 or self.job is None:
             return None
         # Workers get the campaign without its sources: they never see a secret.
-        return RenderPool(workers, init_worker, (replace(self.campaign, sources={}), self.options.out, self.options.formats))
+        return RenderPool(workers, init_process, (replace(self.campaign, sources={}), self.options.out, self.options.formats))
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -294,7 +279,7 @@ class Run:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _interrupted(self, signum: int) -> Interrupted:
-        done = sum(self.counts.values())
+        done = self.tally.recipients
         return Interrupted(
             signum,
             f"Interrupted by {signal.Signals(signum).name}: the {done} recipients finished this run are in the "
@@ -309,9 +294,9 @@ class Run:
         if pool is not None:
             loop = self._loop
 
-            async def render_chunk(jobs: list[Job]) -> list[Served]:
+            async def render_chunk(requests: list[RenderRequest]) -> list[RenderResult]:
                 try:
-                    return await loop.run_in_executor(pool.executor, serve_chunk, jobs)
+                    return await loop.run_in_executor(pool.executor, compose_chunk, requests)
                 except concurrent.futures.BrokenExecutor:
                     raise RenderProcessDied(
                         "a render process died (out of memory, or killed); finished recipients are in the "
@@ -323,7 +308,7 @@ class Run:
             fetcher = Fetcher(
                 self.campaign, client, cache, offline=options.offline, concurrency=options.concurrency, timing=self.timing
             )
-            self.fetcher_stats = fetcher.stats()
+            self.network = fetcher.stats()  # read at the report, whatever ends the run
             batch_sizes = [s.batch.size for s in self.campaign.sources.values() if s.batch]
             window = asyncio.Semaphore(2 * max([options.concurrency, *batch_sizes]))
             tasks = self._tasks
@@ -344,7 +329,9 @@ class Run:
                     if self._stopping:
                         break
                     if row.problem is not None:
-                        self._record(row, "invalid", error=row.problem)
+                        invalid = decide(row)
+                        assert invalid is not None  # a row with a problem is invalid, before anything else
+                        self._record(invalid)
                         continue
                     await window.acquire()
                     if self._stopping:
@@ -358,7 +345,7 @@ class Run:
             finally:
                 await self._wind_down()
                 self._loop = None
-                self.fetcher_stats = fetcher.stats()
+                self.network = fetcher.stats()
             if self.fatal is not None:
                 raise self.fatal
             if self.signal is not None:
@@ -384,91 +371,56 @@ class Run:
         if self.fatal is not None:
             return
         fetched = await fetcher.fetch_all(row.fields)
-        for name, result in fetched.items():
-            self.guard.check(name, result)
-        data = {name: r.data for name, r in fetched.items() if r.ok}
-        failures = {name: (r.error or r.outcome) for name, r in fetched.items() if not r.ok}
+        results = {name: source_result(r) for name, r in fetched.items()}
+        self.tally.fetched(results)
         if self.job is None:  # cache warm: the fetch was the whole job
-            self._record(row, "failed" if failures else "warmed", fetched=fetched, error="; ".join(failures.values()) or None)
+            self._record(decide(row, results, warm=True))
             return
-        required = [n for n in failures if self.campaign.sources[n].required]
-        if required:
-            reason = "; ".join(f"required source {n} unavailable: {failures[n]}" for n in required)
-            self._record(row, "skipped", fetched=fetched, error=reason)
+        outcome = decide(row, results, required=self.required)
+        if outcome is not None:  # not to be rendered
+            self._record(outcome)
             return
-        job: Job = (row.id, row.email, row.fields, data, failures)
+        data = {name: r.data for name, r in fetched.items() if r.ok}
+        failures = {name: r.reason for name, r in results.items() if not r.ok}
+        request = RenderRequest(row.id, row.email, row.fields, data, failures)
         if self.render_queue is None:
-            served = self.job(*job)
+            rendered = self.job(request)
         else:
             task = asyncio.current_task()
             assert task is not None
             self._rendering.add(task)
             try:
-                served = await self.render_queue.submit(job)
+                rendered = await self.render_queue.submit(request)
             except BaseException:  # given up, or its process died: it may have written files
                 self.abandoned.append(row.id)
                 raise
         if self.fatal is not None:  # the run is stopping on an error: this recipient's files are swept, it is redone
             return
-        self._count_fallbacks(served, failures, fetcher)
-        self._record(row, served.status, fetched=fetched, served=served)
+        self._record(decide(row, results, required=self.required, render=rendered))
 
-    def _count_fallbacks(self, served: Served, failures: dict[str, str], fetcher: Fetcher) -> None:
-        if served.status != "fallback":
-            return
-        names = {n for block in served.fallback_blocks for n in block["sources"]} or set(failures)
-        for name in names:
-            if name in fetcher.sources:
-                fetcher.sources[name].stats.fallbacks += 1
-
-    def _record(
-        self,
-        row: Row,
-        status: str,
-        *,
-        fetched: dict[str, Fetched] | None = None,
-        served: Served | None = None,
-        error: str | None = None,
-    ) -> None:
-        """The one place a recipient's manifest line is made."""
-        entry = {
-            "id": row.id,
-            "email": row.email,
-            "row": row.number,
-            "status": status,
-            "sources": {name: r.manifest() for name, r in (fetched or {}).items()},
-            "fallback_blocks": served.fallback_blocks if served else [],
-            "files": served.files if served else [],
-            "error": served.error if served else error,
-        }
+    def _record(self, outcome: Outcome) -> None:
+        """The one place a recipient's manifest line is made and counted."""
         if self.manifest is not None:
-            self.manifest.add(entry)
-        self.counts[status] = self.counts.get(status, 0) + 1
-        for name, result in (fetched or {}).items():
-            self.source_recipients[name] = self.source_recipients.get(name, 0) + 1
-            if not result.ok:
-                self.source_failures[name] = self.source_failures.get(name, 0) + 1
+            self.manifest.add(outcome.manifest_line())
         self.progress(1, False)
-        limit = self.options.max_failures
-        if status == "failed" and limit is not None and self.counts[status] >= limit:
+        try:
+            self.tally.add(outcome)
+        except EmailpersError as exc:
             # Set at once, not when this task ends: recipients already under way record nothing more.
-            self.fatal = TooManyFailures(
-                f"{limit} recipients failed in this run (--max-failures {limit}); the last, {row.id!r}: "
-                f"{entry['error']}. Stopped; fix the data, then run the same command with --redo failed (a fixed template needs --fresh)"
-            )
-            raise self.fatal
+            self.fatal = self.fatal or exc
+            raise
 
 
 def render_campaign(
     campaign: Campaign, options: RunOptions, progress: Progress | None = None, *, timing: Timing = REAL_TIMING
-) -> dict[str, Any]:
+) -> Report:
     """Render every recipient of `campaign` into `options.out`; return the report.
     Raises EmailpersError subclasses for what stops a run. `timing`: the clocks,
     sleep and random source the fetches read (a test passes fake ones)."""
     return _execute(Run(campaign, options, progress, timing=timing))
 
 
-def _execute(run: Run) -> dict[str, Any]:
+def _execute(run: Run) -> Report:
     """SIGINT and SIGTERM stop the run (it raises Interrupted). While it runs,
     the campaign's secrets are out of os.environ, so that no process started
     meanwhile (render processes, multiprocessing's resource tracker) has them
@@ -492,7 +444,7 @@ def _secrets(campaign: Campaign) -> list[str]:
 
 def warm_cache(
     campaign: Campaign, options: RunOptions, progress: Progress | None = None, *, timing: Timing = REAL_TIMING
-) -> dict[str, Any]:
+) -> Report:
     """Fetch every recipient's data into the cache, render nothing."""
     options = replace(options, out=None, offline=False, use_cache=True)
     return _execute(Run(campaign, options, progress, timing=timing))

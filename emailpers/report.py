@@ -1,17 +1,21 @@
 """The run's report: counts by status, per-source figures, throughput.
-Built from values; formatting for humans is `summary()`, for machines JSON."""
+A typed value built from plain values (this module knows nothing of the
+fetch layer); for humans `summary()`, for machines `to_json()`, for a
+scheduler `exit_code`."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from emailpers.sources import SourceStats
+from emailpers.outcome import RENDER_STATUSES, StatusCounts
 
-STATUSES = ("rendered", "fallback", "skipped", "invalid", "failed")
-WARM_STATUSES = ("warmed", "invalid", "failed")  # cache warm: data fetched, or not
+STATUSES = RENDER_STATUSES  # a render's manifest lines: what --redo can name
 DEGRADED_SHARE = 0.10  # a source that failed for more of its recipients than this makes the run "degraded"
+EXIT_OK = 0
+EXIT_FAILED_RECIPIENTS = 3
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -23,87 +27,171 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return round(ordered[rank - 1], 1)
 
 
-def source_report(stats: SourceStats) -> dict[str, Any]:
-    lat = stats.latencies_ms
-    return {
-        "requests": stats.requests,
-        "cache_hits": stats.cache_hits,
-        "dedupe_hits": stats.dedupe_hits,
-        "batches": stats.batches,
-        "retries": stats.retries,
-        "errors": stats.errors,
-        "status_429": stats.status_429,
-        "stale": stats.stale,
-        "token_renewals": stats.token_renewals,
-        "fallbacks": stats.fallbacks,
-        "latency_ms": {
-            "p50": percentile(lat, 50),
-            "p95": percentile(lat, 95),
-            "p99": percentile(lat, 99),
-            "max": round(max(lat), 1) if lat else None,
-        },
-        "top_errors": dict(sorted(stats.error_kinds.items(), key=lambda kv: -kv[1])[:5]),
-    }
+@dataclass(frozen=True)
+class SourceFigures:
+    """One source over this run: the fetcher's network counters and the
+    recipients its failures sent to a fallback."""
+
+    requests: int = 0
+    cache_hits: int = 0
+    dedupe_hits: int = 0
+    batches: int = 0
+    retries: int = 0
+    errors: int = 0
+    status_429: int = 0
+    stale: int = 0
+    token_renewals: int = 0
+    fallbacks: int = 0
+    latencies_ms: Sequence[float] = ()  # of fetches that went to the network
+    error_kinds: Mapping[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        lat = self.latencies_ms
+        return {
+            "requests": self.requests,
+            "cache_hits": self.cache_hits,
+            "dedupe_hits": self.dedupe_hits,
+            "batches": self.batches,
+            "retries": self.retries,
+            "errors": self.errors,
+            "status_429": self.status_429,
+            "stale": self.stale,
+            "token_renewals": self.token_renewals,
+            "fallbacks": self.fallbacks,
+            "latency_ms": {
+                "p50": percentile(lat, 50),
+                "p95": percentile(lat, 95),
+                "p99": percentile(lat, 99),
+                "max": round(max(lat), 1) if lat else None,
+            },
+            "top_errors": dict(sorted(self.error_kinds.items(), key=lambda kv: -kv[1])[:5]),
+        }
+
+
+@dataclass(frozen=True)
+class Degraded:
+    failed_recipients: int
+    recipients: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a run did: this run's counts, the whole manifest's, and why it stopped."""
+
+    campaign: str
+    warm: bool  # cache warm: fetched, rendered nothing
+    this_run: StatusCounts
+    total: StatusCounts  # the whole manifest (earlier runs and this one)
+    resumed_from_previous_runs: int
+    sources: Mapping[str, SourceFigures]
+    degraded_sources: Mapping[str, Degraded]
+    elapsed_s: float
+    recipients_per_s: float | None
+    stopped: str | None = None  # the error that stopped the run early
+    stop_code: int | None = None  # ... and its exit code
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def command(self) -> str:
+        return "cache warm" if self.warm else "render"
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degraded_sources)
+
+    @property
+    def failed_earlier(self) -> int:
+        """Failed recipients in the manifest that this run did not try again."""
+        return self.total.failed if not self.this_run.failed else 0
+
+    @property
+    def exit_code(self) -> int:
+        """The stop's code when the run stopped early; otherwise 3 while any
+        recipient in the manifest failed (a rerun that skips failed recipients
+        never reports success), else 0."""
+        if self.stop_code is not None:
+            return self.stop_code
+        return EXIT_FAILED_RECIPIENTS if self.total.failed else EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        """report.json."""
+        return {
+            "campaign": self.campaign,
+            "command": self.command,
+            "this_run": dict(self.this_run),
+            "total": dict(self.total),
+            "resumed_from_previous_runs": self.resumed_from_previous_runs,
+            "sources": {name: figures.to_json() for name, figures in self.sources.items()},
+            "degraded": self.degraded,
+            "degraded_sources": {
+                name: {"failed_recipients": d.failed_recipients, "recipients": d.recipients}
+                for name, d in self.degraded_sources.items()
+            },
+            "elapsed_s": self.elapsed_s,
+            "recipients_per_s": self.recipients_per_s,
+            "stopped": self.stopped,
+            "warnings": list(self.warnings),
+        }
 
 
 def build_report(
     *,
     campaign: str,
-    counts: dict[str, int],
-    previous: dict[str, int],
-    sources: dict[str, SourceStats],
+    counts: Mapping[str, int],
+    previous: Mapping[str, int],
+    sources: Mapping[str, SourceFigures],
     elapsed: float,
-    source_failures: dict[str, tuple[int, int]] | None = None,
+    source_failures: Mapping[str, tuple[int, int]] | None = None,
     stopped: str | None = None,
+    stop_code: int | None = None,
     warnings: Sequence[str] = (),
     warm: bool = False,
-) -> dict[str, Any]:
+) -> Report:
     """`counts` are this run's, `previous` the manifest's before it;
     `source_failures` gives per source (recipients it gave no data, recipients
     it was asked for) over the whole manifest."""
+    this_run = StatusCounts.of(counts, warm=warm, also=previous)
+    total = StatusCounts({s: n + previous.get(s, 0) for s, n in this_run.items()})
     done = sum(counts.values())
-    known = WARM_STATUSES if warm else STATUSES
-    statuses = [*known, *(s for s in {**previous, **counts} if s not in known)]
-    total = {s: counts.get(s, 0) + previous.get(s, 0) for s in statuses}
-    degraded = {
-        name: {"failed_recipients": failed, "recipients": asked}
-        for name, (failed, asked) in (source_failures or {}).items()
-        if asked and failed / asked > DEGRADED_SHARE
-    }
-    return {
-        "campaign": campaign,
-        "command": "cache warm" if warm else "render",
-        "this_run": {s: counts.get(s, 0) for s in statuses},
-        "total": total,
-        "resumed_from_previous_runs": sum(previous.values()),
-        "sources": {name: source_report(stats) for name, stats in sources.items()},
-        "degraded": bool(degraded),
-        "degraded_sources": degraded,
-        "elapsed_s": round(elapsed, 3),
-        "recipients_per_s": round(done / elapsed, 1) if elapsed > 0 else None,
-        "stopped": stopped,
-        "warnings": list(warnings),
-    }
+    return Report(
+        campaign=campaign,
+        warm=warm,
+        this_run=this_run,
+        total=total,
+        resumed_from_previous_runs=sum(previous.values()),
+        sources=dict(sources),
+        degraded_sources={
+            name: Degraded(failed, asked)
+            for name, (failed, asked) in (source_failures or {}).items()
+            if asked and failed / asked > DEGRADED_SHARE
+        },
+        elapsed_s=round(elapsed, 3),
+        recipients_per_s=round(done / elapsed, 1) if elapsed > 0 else None,
+        stopped=stopped,
+        stop_code=stop_code,
+        warnings=tuple(warnings),
+    )
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:g}ms"
 
 
-def summary(report: dict[str, Any]) -> str:
+def summary(report: Report) -> str:
     """The lines printed at the end of a run."""
-    this, total = report["this_run"], report["total"]
-    rate = f"in {report['elapsed_s']:.2f}s ({report['recipients_per_s'] or 0:g}/s)"
-    if report["command"] == "cache warm":
-        lines = [f"Campaign {report['campaign']}: cache warm, data for {sum(this.values())} recipients {rate}",
-                 f"  cached {this['warmed']}  not fetched {this['failed']}  invalid {this['invalid']}"
+    this, total = report.this_run, report.total
+    rate = f"in {report.elapsed_s:.2f}s ({report.recipients_per_s or 0:g}/s)"
+    if report.warm:
+        lines = [f"Campaign {report.campaign}: cache warm, data for {sum(this.values())} recipients {rate}",
+                 f"  cached {this.warmed}  not fetched {this.failed}  invalid {this.invalid}"
                  "   (not fetched: an error or timeout for some source)"]
     else:
-        lines = [f"Campaign {report['campaign']}: {sum(this.values())} recipients this run {rate}"]
-        if report["resumed_from_previous_runs"]:
-            lines.append(f"  resumed: {report['resumed_from_previous_runs']} already done by an earlier run")
+        lines = [f"Campaign {report.campaign}: {sum(this.values())} recipients this run {rate}"]
+        if report.resumed_from_previous_runs:
+            lines.append(f"  resumed: {report.resumed_from_previous_runs} already done by an earlier run")
         lines.append("  " + "  ".join(f"{s} {n}" for s, n in total.items()) + "   (manifest total)")
-    for name, s in report["sources"].items():
+    for name, figures in report.sources.items():
+        s = figures.to_json()
         lat = s["latency_ms"]
         extras = [
             f"{s[key]} {label}"
@@ -114,19 +202,19 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(
             f"  source {name}: {s['requests']} requests, {s['cache_hits']} cache hits, {s['retries']} retries, "
             f"{s['errors']} errors"
-            + ("" if report["command"] == "cache warm" else f", {s['fallbacks']} fallbacks")
+            + ("" if report.warm else f", {s['fallbacks']} fallbacks")
             + (", " + ", ".join(extras) if extras else "")
             + f"; latency p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} max {_ms(lat['max'])}"
         )
         for error, count in s["top_errors"].items():
             lines.append(f"      {count} x {error}")
-    lines.extend(f"  WARNING: {warning}" for warning in report.get("warnings", []))
-    for name, d in report["degraded_sources"].items():
+    lines.extend(f"  WARNING: {warning}" for warning in report.warnings)
+    for name, d in report.degraded_sources.items():
         lines.append(
-            f"  WARNING: source {name} gave no data for {d['failed_recipients']} of {d['recipients']} recipients "
-            f"({d['failed_recipients'] / d['recipients']:.0%}, more than {DEGRADED_SHARE:.0%}); "
-            + ("not cached" if report["command"] == "cache warm" else "those recipients got fallbacks or were skipped")
+            f"  WARNING: source {name} gave no data for {d.failed_recipients} of {d.recipients} recipients "
+            f"({d.failed_recipients / d.recipients:.0%}, more than {DEGRADED_SHARE:.0%}); "
+            + ("not cached" if report.warm else "those recipients got fallbacks or were skipped")
         )
-    if report["stopped"]:
-        lines.append(f"  STOPPED EARLY: {report['stopped']}")
+    if report.stopped:
+        lines.append(f"  STOPPED EARLY: {report.stopped}")
     return "\n".join(lines)

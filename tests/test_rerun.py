@@ -33,7 +33,7 @@ from conftest import (
 from test_resume import complete_lines, people
 
 from emailpers.output import file_stem
-from emailpers.sources import Fetched
+from emailpers.fetch import Fetched
 
 
 def listed_files(out: Path) -> list[str]:

@@ -28,7 +28,7 @@ from advanced_servers import Api, Request, Response, TokenServer, running
 from emailpers.campaign import load_campaign
 from emailpers.cli import cli
 from emailpers.pipeline import make_client
-from emailpers.sources import Fetcher
+from emailpers.fetch import Fetcher
 
 CITIES = ("Paris", "Lagos", "Lima")
 SOURCE_KEYS = {

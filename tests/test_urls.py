@@ -6,7 +6,7 @@ from __future__ import annotations
 import jinja2
 import pytest
 
-from emailpers.sources import UrlTemplate, url_environment
+from emailpers.urls import UrlTemplate, url_environment
 
 VALUES = ["12345", "../admin?x=1#y", "a/b", "Zoë", "50%", 7, "...", "a b&c=d"]
 

@@ -25,7 +25,7 @@ from emailpers.errors import AuthFailed
 from emailpers.http import HttpClient, Response
 from emailpers.jsondata import MAX_VALUES
 from emailpers.pipeline import make_client
-from emailpers.sources import Fetched, Fetcher
+from emailpers.fetch import Fetched, Fetcher
 
 CART = "/users/{{ id }}/cart"
 
