@@ -7,6 +7,7 @@
     ├── CacheError                 the cache folder cannot be used (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
+    ├── SendError                  `send` cannot start or go on: relay, TLS, login, folder (exit 1)
     ├── TooManyFailures            --max-failures recipients failed; the run stopped (exit 3)
     ├── UnhealthySource            a source failed too often; the run stopped early (exit 4)
     └── Interrupted                SIGINT or SIGTERM stopped the run (exit 130 or 143)
@@ -57,6 +58,11 @@ class AuthFailed(EmailpersError):
 
 class RenderProcessDied(EmailpersError):
     """A render process ended abruptly; the pool cannot go on."""
+
+
+class SendError(EmailpersError):
+    """`emailpers send` cannot start or go on: the relay URL, TLS, the login,
+    the DKIM key, or an output folder that is not ready to send."""
 
 
 class TooManyFailures(EmailpersError):

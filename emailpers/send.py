@@ -1,0 +1,572 @@
+"""`emailpers send`: hand a render's messages to an SMTP relay, exactly once,
+at the rate the relay allows.
+
+Several connections (`connections`) each carry many transactions; one pacer
+hands out start times `1/rate` apart across all of them, so `rate` is never
+exceeded, even in a burst. Each transaction is journalled before it starts
+and after its reply (journal.py): a run killed at any moment resumes without
+sending a message twice, except those it reports `unknown` (sent, but no
+reply came back), which `resend_unknown` sends again.
+
+aiosmtplib's exceptions are mapped to outcomes here and go no further.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import email.utils
+import ipaddress
+import json
+import os
+import re
+import signal
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiosmtplib
+
+from emailpers.dkimsign import DkimSigner
+from emailpers.errors import Interrupted, SendError
+from emailpers.journal import (
+    DONE,
+    OUTCOMES,
+    Journal,
+    Outgoing,
+    lock_folder,
+    read_manifest,
+    read_message,
+    render_unfinished,
+)
+from emailpers.output import write_atomic
+
+SEND_REPORT = "send-report.json"
+DEFAULT_CONNECTIONS = 4
+DEFAULT_RETRIES = 3
+DEFAULT_BACKOFF = 2.0  # seconds before the first retry of a 4xx; doubles each time
+MAX_BACKOFF = 300.0
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_USER_ENV = "EMAILPERS_SMTP_USER"
+DEFAULT_PASSWORD_ENV = "EMAILPERS_SMTP_PASSWORD"
+_LOOPBACK_NAMES = frozenset({"localhost"})
+_QUEUE_ID = re.compile(r"(?:queued as|id=)\s*<?([\w.@/+=-]+)>?|\b([A-Za-z0-9][\w.@/+=-]{7,})\s*$", re.IGNORECASE)
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Relay:
+    """Where messages go. `url` is safe to show (it cannot hold credentials)."""
+
+    url: str
+    host: str
+    port: int
+    implicit_tls: bool
+    plaintext_ok: bool  # loopback, or --allow-plaintext
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() in _LOOPBACK_NAMES
+
+
+def parse_relay(url: str, *, allow_plaintext: bool = False) -> Relay:
+    """smtp://host[:587] (STARTTLS) or smtps://host[:465] (implicit TLS)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("smtp", "smtps"):
+        raise SendError(f"--smtp {url!r}: use smtp://host:587 (STARTTLS) or smtps://host:465 (implicit TLS)")
+    if parts.username is not None or parts.password is not None:
+        # Never echo the URL back: it holds a password.
+        raise SendError(
+            "--smtp: the URL holds credentials; a command line is visible to every user of the machine. "
+            f"Put them in the environment ({DEFAULT_USER_ENV}, {DEFAULT_PASSWORD_ENV}) instead"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise SendError(f"--smtp {url!r}: the port is not a number from 1 to 65535") from None
+    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise SendError(f"--smtp {url!r}: give only a scheme, a host and a port, like smtp://relay.example:587")
+    implicit = parts.scheme == "smtps"
+    port = port or (465 if implicit else 587)
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    return Relay(f"{parts.scheme}://{shown}:{port}", host, port, implicit, allow_plaintext or _is_loopback(host))
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str = field(repr=False)
+    password: str = field(repr=False)
+
+
+def credentials_from_env(user_env: str, password_env: str, environ: Mapping[str, str] = os.environ) -> Credentials | None:
+    """Both set: log in; neither: no AUTH (a relay that trusts the network); one: an error."""
+    user, password = environ.get(user_env), environ.get(password_env)
+    if user is None and password is None:
+        return None
+    if user is None or password is None:
+        missing = user_env if user is None else password_env
+        raise SendError(f"environment variable {missing} is not set (the other half of the SMTP login is); export it")
+    return Credentials(user, password)
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    out: Path
+    relay: Relay
+    credentials: Credentials | None = field(default=None, repr=False)
+    connections: int = DEFAULT_CONNECTIONS
+    rate: float | None = None  # messages per second over all connections
+    retries: int = DEFAULT_RETRIES
+    backoff: float = DEFAULT_BACKOFF
+    timeout: float = DEFAULT_TIMEOUT
+    to_override: str | None = None
+    mail_from: str | None = None
+    limit: int | None = None
+    dry_run: bool = False
+    resend_unknown: bool = False
+    partial: bool = False
+    dkim: DkimSigner | None = None
+    ca_file: Path | None = None
+
+
+# -- pacing -------------------------------------------------------------------------------
+
+
+class Pacer:
+    """Start times `1/rate` apart over every connection. A late caller gets
+    the next free slot, never a catch-up burst."""
+
+    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = 0.0 if rate is None else 1.0 / rate
+        self.clock = clock
+        self.next_slot: float | None = None
+
+    def reserve(self) -> float:
+        """Seconds to wait before starting the next transaction."""
+        now = self.clock()
+        slot = now if self.next_slot is None else max(now, self.next_slot)
+        self.next_slot = slot + self.interval
+        return slot - now
+
+
+# -- one connection ------------------------------------------------------------------------
+
+
+class _Fatal(Exception):
+    """Sending cannot go on (TLS, login, policy): stop every connection."""
+
+
+@dataclass
+class Tally:
+    """What this run did: outcomes, reply codes, failures worth showing."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)
+    unreadable: list[str] = field(default_factory=list)
+    first_start: float | None = None
+    last_reply: float | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _queue_id(reply: str) -> str | None:
+    match = _QUEUE_ID.search(reply)
+    return None if match is None else match.group(1) or match.group(2)
+
+
+def _headers(data: bytes) -> tuple[str, str | None]:
+    """(envelope sender from From, Message-ID) of a message."""
+    head = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data.split(b"\r\n\r\n", 1)[0])
+    return email.utils.parseaddr(str(head.get("From", "")))[1], head.get("Message-ID")
+
+
+class Sender:
+    """The run: a queue of messages, `connections` workers, one pacer."""
+
+    def __init__(self, options: SendOptions, journal: Journal, clock: Callable[[], float] = time.monotonic) -> None:
+        self.options = options
+        self.journal = journal
+        self.clock = clock
+        self.pacer = Pacer(options.rate, clock)
+        self.tally = Tally()
+        self.stop_signal: int | None = None
+        self.fatal: str | None = None
+        self._tls = ssl.create_default_context(cafile=str(options.ca_file) if options.ca_file else None)
+        self._connected_once = False
+
+    # connections
+
+    async def connect(self) -> aiosmtplib.SMTP:
+        """A connection that is encrypted (or allowed not to be) and logged in."""
+        o, relay = self.options, self.options.relay
+        client = aiosmtplib.SMTP(
+            hostname=relay.host, port=relay.port, use_tls=relay.implicit_tls, start_tls=False,
+            tls_context=self._tls, timeout=o.timeout,
+        )  # fmt: skip
+        try:
+            await client.connect()
+            if not relay.implicit_tls:
+                await client.ehlo()
+                if client.supports_extension("starttls"):
+                    await client.starttls(tls_context=self._tls)
+                elif not relay.plaintext_ok:
+                    client.close()
+                    raise _Fatal(
+                        f"{relay.url} does not offer STARTTLS: refusing to send (and log in) in clear text. Use "
+                        "smtps:// if it speaks TLS on connect, or --allow-plaintext for a relay on a trusted network"
+                    )
+            if o.credentials is not None:
+                if not client.supports_extension("auth"):
+                    client.close()
+                    raise _Fatal(f"{relay.url} offers no AUTH, but SMTP credentials are set; unset them or fix the relay")
+                await client.login(o.credentials.user, o.credentials.password)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            client.close()
+            raise _Fatal(f"{relay.url} refused the login: {exc.code} {exc.message}") from None
+        except ssl.SSLError as exc:
+            client.close()
+            raise _Fatal(f"{relay.url}: TLS failed: {exc.reason or exc}") from None
+        except aiosmtplib.SMTPConnectError as exc:
+            client.close()
+            if isinstance(exc.__cause__, ssl.SSLError) or "CERTIFICATE" in str(exc).upper():
+                raise _Fatal(f"{relay.url}: TLS failed: {exc}") from None
+            raise
+        except aiosmtplib.SMTPResponseException as exc:
+            client.close()
+            raise _Fatal(f"{relay.url} refused the session: {exc.code} {exc.message}") from None
+        self._connected_once = True
+        return client
+
+    # transactions
+
+    def _finish(self, message: Outgoing, event: str, code: int | None, reply: str, **extra: Any) -> None:
+        self.tally.last_reply = self.clock()
+        if code is not None:
+            self.tally.codes[str(code)] += 1
+        self.journal.write({
+            "id": message.id, "event": event, "to": message.to, "attempt": message.attempt, "code": code,
+            "reply": reply[:500], **extra, "at": _now(),
+        })  # fmt: skip
+
+    async def transaction(self, client: aiosmtplib.SMTP, message: Outgoing, data: bytes) -> str:
+        """Send one message; journal its outcome: sent, rejected, retry,
+        deferred (final), unknown, or `reconnect` (the connection broke before
+        the message was handed over: it was not delivered)."""
+        o = self.options
+        sender, message_id = _headers(data)
+        sender = o.mail_from or sender
+        rcpt = o.to_override or message.to
+        self.journal.write({
+            "id": message.id, "event": "sending", "to": rcpt, "attempt": message.attempt, "message_id": message_id,
+            "at": _now(),
+        })  # fmt: skip
+        if self.tally.first_start is None:
+            self.tally.first_start = self.clock()
+        handed_over = False
+        try:
+            await client.mail(sender)
+            await client.rcpt(rcpt)
+            handed_over = True
+            response = await client.data(data)
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code >= 500:
+                self._finish(message, "rejected", exc.code, exc.message)
+                await self._reset(client)
+                return "rejected"
+            final = message.attempt > o.retries
+            self._finish(message, "deferred", exc.code, exc.message, final=final)
+            await self._reset(client)
+            return "deferred" if final else "retry"
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            if handed_over:
+                # The message may have reached the relay; sending again could deliver it twice.
+                self._finish(message, "unknown", None, f"connection lost before the reply: {exc}")
+                return "unknown"
+            final = message.attempt > o.retries
+            self._finish(message, "deferred", None, f"connection lost: {exc}", final=final)
+            return "deferred" if final else "reconnect"
+        queue_id = _queue_id(response.message)
+        self._finish(message, "sent", response.code, response.message, queue_id=queue_id)
+        return "sent"
+
+    @staticmethod
+    async def _reset(client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            client.close()
+
+    # the run
+
+    async def run(self, messages: list[Outgoing]) -> None:
+        o = self.options
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Outgoing | None] = asyncio.Queue()
+        self.open = len(messages)
+        self.retry_timers: set[asyncio.TimerHandle] = set()
+        self.stopping = asyncio.Event()
+        for message in messages:
+            self.queue.put_nowait(message)
+        if not messages and not o.dry_run:
+            return  # nothing left to send: the relay is not needed
+        try:
+            first = await self.connect()  # loud and early: TLS, login, policy, before any message
+        except _Fatal as exc:
+            raise SendError(str(exc)) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise SendError(f"{o.relay.url}: cannot connect: {exc}") from None
+        if o.dry_run:
+            await self._quit(first)
+            return
+        with self._signals(loop):
+            workers = min(o.connections, len(messages))
+            tasks = [asyncio.create_task(self._worker(first if i == 0 else None)) for i in range(workers)]
+            await asyncio.gather(*tasks)
+            for timer in self.retry_timers:
+                timer.cancel()
+        if self.fatal is not None:
+            raise SendError(self.fatal)
+
+    def _done_one(self) -> None:
+        self.open -= 1
+        if self.open == 0:
+            self._stop()
+
+    def _stop(self) -> None:
+        self.stopping.set()
+        for _ in range(self.options.connections):
+            self.queue.put_nowait(None)
+
+    def _on_signal(self, signum: int) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            self._stop()
+
+    def _signals(self, loop: asyncio.AbstractEventLoop) -> Any:
+        sender = self
+
+        class _Handlers:
+            def __enter__(self) -> None:
+                self.installed = threading.current_thread() is threading.main_thread()
+                if self.installed:
+                    self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+                    for s in self.previous:
+                        loop.add_signal_handler(s, sender._on_signal, s)
+
+            def __exit__(self, *exc: object) -> None:
+                if self.installed:
+                    for s, handler in self.previous.items():
+                        loop.remove_signal_handler(s)
+                        signal.signal(s, handler)
+
+        return _Handlers()
+
+    async def _worker(self, client: aiosmtplib.SMTP | None) -> None:
+        o = self.options
+        while True:
+            message = await self.queue.get()
+            if message is None or self.stopping.is_set():
+                break
+            try:
+                data = read_message(message)
+            except OSError as exc:
+                self.tally.unreadable.append(f"{message.path}: {exc.strerror}")
+                self.tally.outcomes["unreadable"] += 1
+                self._done_one()
+                continue
+            if o.dkim is not None:
+                data = o.dkim.sign(data)
+            if client is None or not client.is_connected:
+                try:
+                    client = await self.connect()
+                except _Fatal as exc:
+                    self.fatal = str(exc)
+                    self._stop()
+                    break
+                except (aiosmtplib.SMTPException, OSError) as exc:
+                    client = None
+                    self._retry_later(message, f"cannot connect: {exc}")
+                    continue
+            wait = self.pacer.reserve()
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), wait)
+                    break  # stopped while waiting for the slot: this message was not started
+                except TimeoutError:
+                    pass
+            outcome = await self.transaction(client, message, data)
+            if outcome in ("retry", "reconnect"):
+                if outcome == "reconnect":
+                    client = None
+                self._schedule(message)
+                continue
+            self.tally.outcomes[outcome] += 1
+            self._done_one()
+        if client is not None:
+            await self._quit(client)
+
+    def _retry_later(self, message: Outgoing, why: str) -> None:
+        final = message.attempt > self.options.retries
+        self._finish(message, "deferred", None, why, final=final)
+        if final:
+            self.tally.outcomes["deferred"] += 1
+            self._done_one()
+        else:
+            self._schedule(message)
+
+    def _schedule(self, message: Outgoing) -> None:
+        delay = min(self.options.backoff * 2 ** (message.attempt - 1), MAX_BACKOFF)
+        again = replace(message, attempt=message.attempt + 1)
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle
+
+        def put() -> None:
+            self.retry_timers.discard(timer)
+            self.queue.put_nowait(again)
+
+        timer = loop.call_later(delay, put)
+        self.retry_timers.add(timer)
+
+    @staticmethod
+    async def _quit(client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            client.close()
+
+
+# -- the command's core ---------------------------------------------------------------------
+
+
+def plan(messages: list[Outgoing], states: Mapping[str, str], options: SendOptions) -> tuple[list[Outgoing], Counter[str]]:
+    """What this run sends, and what earlier runs already settled (by state)."""
+    todo, settled = [], Counter[str]()
+    for message in messages:
+        state = states.get(message.id)
+        if state in DONE or (state == "unknown" and not options.resend_unknown):
+            settled[state] += 1
+        else:
+            todo.append(message)
+    if options.limit is not None:
+        todo = todo[: options.limit]
+    return todo, settled
+
+
+def send_messages(options: SendOptions, clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+    """Send what the manifest of `options.out` holds and the journal has not
+    settled; return the report (also written to send-report.json). Raises
+    SendError, or Interrupted after SIGINT/SIGTERM once the transactions in
+    flight have their replies."""
+    out = options.out
+    lock = lock_folder(out)
+    try:
+        why = render_unfinished(out)
+        if why is not None and not options.partial:
+            raise SendError(
+                f"{out}: {why}, so some recipients may have no message yet. Finish the render (run the same render "
+                "command again), or pass --partial to send what is there"
+            )
+        messages = read_manifest(out)
+        journal = Journal(out)
+        try:
+            todo, settled = plan(messages, journal.states, options)
+            sender = Sender(options, journal, clock)
+            started = clock()
+            error: SendError | None = None
+            try:
+                asyncio.run(sender.run(todo))
+            except SendError as exc:
+                error = exc
+            report = build_report(options, sender, messages, journal.states, settled, len(todo), clock() - started)
+            if not options.dry_run:
+                write_atomic(out / SEND_REPORT, (json.dumps(report, indent=2) + "\n").encode())
+        finally:
+            journal.close()
+    finally:
+        os.close(lock)
+    if error is not None:
+        error.report = report if report["this_run"]["attempted"] else None
+        raise error
+    if sender.stop_signal is not None:
+        name = signal.Signals(sender.stop_signal).name
+        stopped = Interrupted(
+            sender.stop_signal,
+            f"Interrupted by {name}: the transactions in flight finished; run the same command to send the rest.",
+        )
+        stopped.report = report
+        raise stopped
+    return report
+
+
+def build_report(
+    options: SendOptions,
+    sender: Sender,
+    messages: list[Outgoing],
+    states: Mapping[str, str],
+    settled: Counter[str],
+    planned: int,
+    elapsed: float,
+) -> dict[str, Any]:
+    tally = sender.tally
+    this = {outcome: tally.outcomes.get(outcome, 0) for outcome in (*OUTCOMES, "unreadable")}
+    total = Counter(states.get(m.id, "not sent") for m in messages)
+    total = Counter({("deferred" if k == "retrying" else k): v for k, v in total.items()})
+    span = None if tally.first_start is None or tally.last_reply is None else tally.last_reply - tally.first_start
+    sent = this["sent"]
+    return {
+        "command": "send",
+        "relay": options.relay.url,
+        "dry_run": options.dry_run,
+        "this_run": {**this, "attempted": sum(this.values()), "planned": planned},
+        "total": {k: total.get(k, 0) for k in (*OUTCOMES, "not sent")},
+        "messages": len(messages),
+        "settled_by_earlier_runs": dict(settled),
+        "reply_codes": dict(sorted(tally.codes.items())),
+        "connections": options.connections,
+        "rate_limit_per_s": options.rate,
+        # From the first transaction's start to the last reply: what the relay saw.
+        "rate_achieved_per_s": round((sent - 1) / span, 2) if span and sent > 1 else None,
+        "elapsed_s": round(elapsed, 3),
+        "unreadable_files": tally.unreadable[:20],
+        "stopped": None if sender.stop_signal is None else signal.Signals(sender.stop_signal).name,
+    }
+
+
+def send_summary(report: dict[str, Any]) -> str:
+    """The lines printed at the end of a send."""
+    if report["dry_run"]:
+        return (f"Dry run: {report['relay']} accepted the connection, TLS and login; "
+                f"{report['this_run']['planned']} messages would be sent.")
+    this, total = report["this_run"], report["total"]
+    rate = report["rate_achieved_per_s"]
+    lines = [
+        f"Sent {this['sent']} of {this['planned']} messages to {report['relay']} in {report['elapsed_s']:.2f}s"
+        + (f" ({rate:g}/s)" if rate else ""),
+        "  this run: " + "  ".join(f"{k} {this[k]}" for k in (*OUTCOMES, "unreadable") if this[k] or k == "sent"),
+        "  journal:  " + "  ".join(f"{k} {v}" for k, v in total.items()) + f"   (of {report['messages']} messages)",
+    ]
+    if report["reply_codes"]:
+        lines.append("  replies:  " + "  ".join(f"{code} x{n}" for code, n in report["reply_codes"].items()))
+    if total["unknown"]:
+        lines.append(f"  WARNING: {total['unknown']} messages are unknown (the connection died before the relay's "
+                     "reply); --resend-unknown sends them again")
+    lines.extend(f"  unreadable: {line}" for line in report["unreadable_files"])
+    if report["stopped"]:
+        lines.append(f"  STOPPED by {report['stopped']}")
+    return "\n".join(lines)
