@@ -225,6 +225,7 @@ class Sender:
                 await client.ehlo()
                 if client.supports_extension("starttls"):
                     await client.starttls(tls_context=self._tls)
+                    await client.ehlo()  # what the server offers can change once encrypted (AUTH, often)
                 elif not relay.plaintext_ok:
                     client.close()
                     raise _Fatal(
