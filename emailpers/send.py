@@ -25,7 +25,7 @@ import signal
 import ssl
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -147,20 +147,54 @@ class SendOptions:
 
 
 class Pacer:
-    """Start times `1/rate` apart over every connection. A late caller gets
-    the next free slot, never a catch-up burst."""
+    """Transaction starts at `rate` per second over every connection.
+
+    Two rules, one waiter at a time: starts follow a schedule `1/rate` apart
+    (a start the event loop woke late for is made up by the next ones, so the
+    average is `rate`; only the last MAX_DEBT seconds of delay are made up,
+    so a stall never becomes a flood),
+    and no `window` seconds ever hold more than `capacity` real starts
+    (`capacity / window == rate`; 50 a second for rate 50), whatever the loop did."""
+
+    MAX_DEBT = 0.25  # seconds behind the schedule that are made up: at most rate/4 starts back to back
 
     def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = 0.0 if rate is None else 1.0 / rate
+        self.capacity = 1 if rate is None else max(1, int(rate))
+        self.window = self.capacity * self.interval
         self.clock = clock
-        self.next_slot: float | None = None
+        self.next_slot = -float("inf")
+        self.starts: deque[float] = deque(maxlen=self.capacity)
+        self._turn = asyncio.Lock()
 
-    def reserve(self) -> float:
-        """Seconds to wait before starting the next transaction."""
-        now = self.clock()
-        slot = now if self.next_slot is None else max(now, self.next_slot)
+    def slot(self, now: float) -> float:
+        """When the next start may happen, asked at `now` (then `started`)."""
+        self.next_slot = max(self.next_slot, now - self.MAX_DEBT)
+        slot = self.next_slot
+        if len(self.starts) == self.capacity:
+            slot = max(slot, self.starts[0] + self.window)
         self.next_slot = slot + self.interval
-        return slot - now
+        return max(slot, now)
+
+    def started(self, at: float) -> None:
+        self.starts.append(at)
+
+    async def wait_turn(self, stopping: asyncio.Event) -> bool:
+        """Wait for the next start; False if `stopping` was set meanwhile."""
+        if not self.interval:
+            return not stopping.is_set()
+        async with self._turn:
+            delay = self.slot(self.clock()) - self.clock()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stopping.wait(), delay)
+                    return False
+                except TimeoutError:
+                    pass
+            if stopping.is_set():
+                return False
+            self.started(self.clock())
+            return True
 
 
 # -- one connection ------------------------------------------------------------------------
@@ -404,13 +438,8 @@ class Sender:
                     client = None
                     self._retry_later(message, f"cannot connect: {exc}")
                     continue
-            wait = self.pacer.reserve()
-            if wait > 0:
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), wait)
-                    break  # stopped while waiting for the slot: this message was not started
-                except TimeoutError:
-                    pass
+            if not await self.pacer.wait_turn(self.stopping):
+                break  # stopped while waiting for its turn: this message was not started
             outcome = await self.transaction(client, message, data)
             if outcome in ("retry", "reconnect"):
                 if outcome == "reconnect":

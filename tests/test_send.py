@@ -21,7 +21,7 @@ from conftest import invoke, manifest_lines, render, write_campaign
 from smtp_server import Relay, running_relay
 
 from emailpers.errors import SendError
-from emailpers.send import SendOptions, parse_relay, send_messages
+from emailpers.send import Pacer, SendOptions, parse_relay, send_messages
 
 USER, PASSWORD = "relay-user", "pw-S3CRET-do-not-leak"
 
@@ -154,6 +154,23 @@ def test_rate_is_honoured_across_connections(tmp_path: Path, login: None) -> Non
     # at most 50, plus one that the event loop woke late (a late start is not made up by crowding the next).
     starts = [datetime.fromisoformat(e["at"]).timestamp() for e in journal(out) if e["event"] == "sending"]
     assert max(sum(1 for t in starts if start <= t < start + 1) for start in starts) <= 51
+
+
+def test_pacer_makes_up_a_late_start_without_exceeding_the_rate() -> None:
+    pacer = Pacer(50)
+    starts: list[float] = []
+    now = 0.0
+    for i in range(300):
+        now = pacer.slot(now) + (0.1 if i == 100 else 0.0)  # the event loop woke 100 ms late once
+        pacer.started(now)
+        starts.append(now)
+    # Never more than 50 in any second, and the late start cost the run that 100 ms, not more.
+    assert max(sum(1 for t in starts if start <= t < start + 1) for start in starts) == 50
+    assert starts[-1] == pytest.approx(299 / 50 + 0.1)
+    stalled = Pacer(50)
+    stalled.started(stalled.slot(0.0))
+    resumed = [stalled.slot(10.0) for _ in range(20)]  # after a 10 s stall: a quarter second made up, no more
+    assert resumed.count(10.0) == 13 and resumed[13] == pytest.approx(10.01)
 
 
 def test_only_rendered_and_fallback_lines_are_sent_and_only_their_own_files(tmp_path: Path, login: None) -> None:
