@@ -169,7 +169,8 @@ class Pacer:
 
     def slot(self, now: float) -> float:
         """When the next start may happen, asked at `now` (then `started`)."""
-        self.next_slot = max(self.next_slot, now - self.MAX_DEBT)
+        # The first start opens the schedule: no debt before it.
+        self.next_slot = now if not self.starts else max(self.next_slot, now - self.MAX_DEBT)
         slot = self.next_slot
         if len(self.starts) == self.capacity:
             slot = max(slot, self.starts[0] + self.window)
@@ -211,8 +212,9 @@ class Tally:
     outcomes: Counter[str] = field(default_factory=Counter)
     codes: Counter[str] = field(default_factory=Counter)
     unreadable: list[str] = field(default_factory=list)
+    starts: int = 0  # transactions begun
     first_start: float | None = None
-    last_reply: float | None = None
+    last_start: float | None = None
 
 
 def _now() -> str:
@@ -291,7 +293,6 @@ class Sender:
     # transactions
 
     def _finish(self, message: Outgoing, event: str, code: int | None, reply: str, **extra: Any) -> None:
-        self.tally.last_reply = self.clock()
         if code is not None:
             self.tally.codes[str(code)] += 1
         self.journal.write({
@@ -311,8 +312,10 @@ class Sender:
             "id": message.id, "event": "sending", "to": rcpt, "attempt": message.attempt, "message_id": message_id,
             "at": _now(),
         })  # fmt: skip
+        self.tally.starts += 1
+        self.tally.last_start = self.clock()
         if self.tally.first_start is None:
-            self.tally.first_start = self.clock()
+            self.tally.first_start = self.tally.last_start
         handed_over = False
         try:
             await client.mail(sender)
@@ -557,8 +560,7 @@ def build_report(
     this = {outcome: tally.outcomes.get(outcome, 0) for outcome in (*OUTCOMES, "unreadable")}
     total = Counter(states.get(m.id, "not sent") for m in messages)
     total = Counter({("deferred" if k == "retrying" else k): v for k, v in total.items()})
-    span = None if tally.first_start is None or tally.last_reply is None else tally.last_reply - tally.first_start
-    sent = this["sent"]
+    span = None if tally.first_start is None or tally.last_start is None else tally.last_start - tally.first_start
     return {
         "command": "send",
         "relay": options.relay.url,
@@ -570,8 +572,8 @@ def build_report(
         "reply_codes": dict(sorted(tally.codes.items())),
         "connections": options.connections,
         "rate_limit_per_s": options.rate,
-        # From the first transaction's start to the last reply: what the relay saw.
-        "rate_achieved_per_s": round((sent - 1) / span, 2) if span and sent > 1 else None,
+        # Transactions begun per second, first to last: what --rate limits.
+        "rate_achieved_per_s": round((tally.starts - 1) / span, 2) if span else None,
         "elapsed_s": round(elapsed, 3),
         "unreadable_files": tally.unreadable[:20],
         "stopped": None if sender.stop_signal is None else signal.Signals(sender.stop_signal).name,
@@ -585,9 +587,13 @@ def send_summary(report: dict[str, Any]) -> str:
                 f"{report['this_run']['planned']} messages would be sent.")
     this, total = report["this_run"], report["total"]
     rate = report["rate_achieved_per_s"]
+    if this["planned"]:
+        first = (f"Sent {this['sent']} of {this['planned']} messages to {report['relay']} in {report['elapsed_s']:.2f}s"
+                 + (f" ({rate:g}/s)" if rate else ""))
+    else:
+        first = "Nothing to send: the journal settles every message"
     lines = [
-        f"Sent {this['sent']} of {this['planned']} messages to {report['relay']} in {report['elapsed_s']:.2f}s"
-        + (f" ({rate:g}/s)" if rate else ""),
+        first,
         "  this run: " + "  ".join(f"{k} {this[k]}" for k in (*OUTCOMES, "unreadable") if this[k] or k == "sent"),
         "  journal:  " + "  ".join(f"{k} {v}" for k, v in total.items()) + f"   (of {report['messages']} messages)",
     ]
