@@ -413,8 +413,9 @@ def send(
                 exc.report = None
             raise
     click.echo(send_summary(report))
-    if not dry_run:
-        click.echo(f"Journal: {out}/sent.jsonl, report: {out}/send-report.json")
+    if dry_run:
+        sys.exit(EXIT_OK)
+    click.echo(f"Journal: {out}/sent.jsonl, report: {out}/send-report.json")
     total = report["total"]
     undelivered = total["rejected"] + total["deferred"] + total["unknown"] + report["this_run"]["unreadable"]
     sys.exit(EXIT_FAILED_RECIPIENTS if undelivered else EXIT_OK)

@@ -32,7 +32,7 @@ def _header_names(message: bytes) -> list[bytes]:
 
 
 class DkimSigner:
-    """Prepends a DKIM-Signature (rsa-sha256 or ed25519, relaxed/relaxed)."""
+    """Prepends a DKIM-Signature (rsa-sha256, relaxed/relaxed)."""
 
     def __init__(self, domain: str, selector: str, key: bytes) -> None:
         self.domain = domain.encode()
@@ -70,6 +70,6 @@ def load_signer(config: Dkim, environ: Mapping[str, str] = os.environ) -> DkimSi
         signer.sign(b"From: a@b.example\r\nSubject: key check\r\n\r\nkey check\r\n")
     except (dkim.DKIMException, ValueError, IndexError, TypeError):
         raise SendError(
-            f"[send] dkim: {where} is not a usable private key (an RSA key in PEM, or an ed25519 key in base64)"
+            f"[send] dkim: {where} is not a usable private key (an RSA key in PEM)"
         ) from None
     return signer
