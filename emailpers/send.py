@@ -316,10 +316,14 @@ class Sender:
         self.tally.last_start = self.clock()
         if self.tally.first_start is None:
             self.tally.first_start = self.tally.last_start
+        utf8 = not (sender.isascii() and rcpt.isascii())
+        if utf8 and not client.supports_extension("smtputf8"):
+            self._finish(message, "rejected", None, f"{rcpt} is not ASCII and the relay does not offer SMTPUTF8")
+            return "rejected"
         handed_over = False
         try:
-            await client.mail(sender)
-            await client.rcpt(rcpt)
+            await client.mail(sender, options=["SMTPUTF8"] if utf8 else None, encoding="utf-8" if utf8 else "ascii")
+            await client.rcpt(rcpt, encoding="utf-8" if utf8 else "ascii")
             handed_over = True
             response = await client.data(data)
         except aiosmtplib.SMTPResponseException as exc:
@@ -339,6 +343,13 @@ class Sender:
             final = message.attempt > o.retries
             self._finish(message, "deferred", None, f"connection lost: {exc}", final=final)
             return "deferred" if final else "reconnect"
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the send
+            client.close()
+            if handed_over:
+                self._finish(message, "unknown", None, f"unexpected error after the message was handed over: {exc!r}")
+                return "unknown"
+            self._finish(message, "deferred", None, f"unexpected error: {exc!r}", final=True)
+            return "deferred"
         queue_id = _queue_id(response.message)
         self._finish(message, "sent", response.code, response.message, queue_id=queue_id)
         return "sent"

@@ -118,12 +118,14 @@ class Relay:
 
 
 @contextmanager
-def running_relay(folder: Path, *, tls: bool = True, auth: bool = True, **script: Any) -> Iterator[Relay]:
+def running_relay(
+    folder: Path, *, tls: bool = True, auth: bool = True, smtputf8: bool = True, **script: Any
+) -> Iterator[Relay]:
     """An SMTP server on 127.0.0.1: STARTTLS required (a self-signed cert
     whose file is `folder/relay-cert.pem`) and AUTH required, unless turned off."""
     relay = Relay(**script)
     relay.port = free_port()
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"enable_SMTPUTF8": smtputf8}
     if tls:
         cert, key = self_signed(folder)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

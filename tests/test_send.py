@@ -318,3 +318,18 @@ def test_help_documents_send() -> None:
     for option in ("--smtp", "--user-env", "--password-env", "--rate", "--connections", "--to-override", "--limit",
                    "--dry-run", "--resend-unknown", "--partial", "--allow-plaintext", "--campaign"):
         assert option in result.output
+
+
+def test_a_non_ascii_address_goes_with_smtputf8_and_is_rejected_without(tmp_path: Path) -> None:
+    out = rendered(tmp_path, people(2))  # (the render refuses non-ASCII emails; --to-override can give one)
+    with running_relay(tmp_path, tls=False, auth=False, smtputf8=False) as relay:
+        result = invoke("send", out, "--smtp", relay.url, "--to-override", "zoë@example.com")
+    assert result.exit_code == 3, result.output
+    assert relay.received == []
+    rejected = [(e["id"], e["reply"]) for e in journal(out) if e["event"] == "rejected"]
+    assert rejected == [(rid, "zoë@example.com is not ASCII and the relay does not offer SMTPUTF8") for rid in ("p000", "p001")]
+    (out / "sent.jsonl").unlink()
+    with running_relay(tmp_path, tls=False, auth=False) as relay:
+        result = invoke("send", out, "--smtp", relay.url, "--to-override", "zoë@example.com")
+    assert result.exit_code == 0, result.output
+    assert [r.rcpt_tos for r in relay.received] == [["zoë@example.com"]] * 2
