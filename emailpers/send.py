@@ -340,6 +340,7 @@ class Sender:
                 # The message may have reached the relay; sending again could deliver it twice.
                 self._finish(message, "unknown", None, f"connection lost before the reply: {exc}")
                 return "unknown"
+            client.close()
             final = message.attempt > o.retries
             self._finish(message, "deferred", None, f"connection lost: {exc}", final=final)
             return "deferred" if final else "reconnect"

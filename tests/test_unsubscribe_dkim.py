@@ -99,6 +99,15 @@ def test_unsubscribe_settings_are_checked_at_load(
     assert "[campaign] unsubscribe" in result.stderr and expected in result.stderr, result.stderr
 
 
+def test_headers_cannot_also_write_list_unsubscribe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNSUB_KEY", KEY)
+    campaign = write_campaign(tmp_path / "c", recipients=PEOPLE,
+                              campaign={"unsubscribe": UNSUBSCRIBE, "headers": {"List-Unsubscribe": "<x>"}})
+    result = render(campaign, tmp_path / "out")
+    assert result.exit_code == 1
+    assert "cannot set 'List-Unsubscribe': emailpers writes that header itself" in result.stderr, result.stderr
+
+
 def dkim_key(folder: Path) -> tuple[Path, bytes]:
     """(private key file, the DNS TXT record's value with the public key)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
