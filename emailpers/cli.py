@@ -32,8 +32,7 @@ from emailpers.pipeline import (
     warm_cache,
 )
 from emailpers.recipients import count_rows, recipients_argument
-from emailpers.report import STATUSES, summary
-from emailpers.send import (
+from emailpers.relay import (
     DEFAULT_BACKOFF,
     DEFAULT_CONNECTIONS,
     DEFAULT_PASSWORD_ENV,
@@ -42,9 +41,10 @@ from emailpers.send import (
     SendOptions,
     credentials_from_env,
     parse_relay,
-    send_messages,
-    send_summary,
 )
+from emailpers.report import STATUSES, summary
+from emailpers.send import send_messages
+from emailpers.sendreport import send_summary
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_RECIPIENTS = 0, 1, 2, 3
 

@@ -2,8 +2,9 @@
 at the rate the relay allows.
 
 Several connections (`connections`) each carry many transactions; one pacer
-hands out start times `1/rate` apart across all of them, so `rate` is never
-exceeded, even in a burst. Each transaction is journalled before it starts
+(pacing.py) spaces their starts so that `rate` is never exceeded, even in a
+burst. The relay and the options are relay.py's, the report sendreport.py's.
+Each transaction is journalled before it starts
 and after its reply (journal.py): a run killed at any moment resumes without
 sending a message twice, except those it reports `unknown` (sent, but no
 reply came back), which `resend_unknown` sends again.
@@ -17,7 +18,6 @@ import asyncio
 import email.parser
 import email.policy
 import email.utils
-import ipaddress
 import json
 import os
 import re
@@ -25,21 +25,18 @@ import signal
 import ssl
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiosmtplib
 
-from emailpers.dkimsign import DkimSigner
 from emailpers.errors import Interrupted, SendError
 from emailpers.journal import (
     DONE,
-    OUTCOMES,
     Journal,
     Outgoing,
     lock_folder,
@@ -48,173 +45,39 @@ from emailpers.journal import (
     render_unfinished,
 )
 from emailpers.output import write_atomic
+from emailpers.pacing import Pacer
+from emailpers.processes import STOP_SIGNALS
+from emailpers.relay import SendOptions
+from emailpers.sendreport import SEND_REPORT, Tally, build_report
 
-SEND_REPORT = "send-report.json"
-DEFAULT_CONNECTIONS = 4
-DEFAULT_RETRIES = 3
-DEFAULT_BACKOFF = 2.0  # seconds before the first retry of a 4xx; doubles each time
-MAX_BACKOFF = 300.0
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_USER_ENV = "EMAILPERS_SMTP_USER"
-DEFAULT_PASSWORD_ENV = "EMAILPERS_SMTP_PASSWORD"
-_LOOPBACK_NAMES = frozenset({"localhost"})
+MAX_BACKOFF = 300.0  # seconds: the longest wait between two attempts of a message
 _QUEUE_ID = re.compile(r"(?:queued as|id=)\s*<?([\w.@/+=-]+)>?|\b([A-Za-z0-9][\w.@/+=-]{7,})\s*$", re.IGNORECASE)
 
-
-# -- configuration ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Relay:
-    """Where messages go. `url` is safe to show (it cannot hold credentials)."""
-
-    url: str
-    host: str
-    port: int
-    implicit_tls: bool
-    plaintext_ok: bool  # loopback, or --allow-plaintext
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower() in _LOOPBACK_NAMES
-
-
-def parse_relay(url: str, *, allow_plaintext: bool = False) -> Relay:
-    """smtp://host[:587] (STARTTLS) or smtps://host[:465] (implicit TLS)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("smtp", "smtps"):
-        raise SendError(f"--smtp {url!r}: use smtp://host:587 (STARTTLS) or smtps://host:465 (implicit TLS)")
-    if parts.username is not None or parts.password is not None:
-        # Never echo the URL back: it holds a password.
-        raise SendError(
-            "--smtp: the URL holds credentials; a command line is visible to every user of the machine. "
-            f"Put them in the environment ({DEFAULT_USER_ENV}, {DEFAULT_PASSWORD_ENV}) instead"
-        )
-    try:
-        port = parts.port
-    except ValueError:
-        raise SendError(f"--smtp {url!r}: the port is not a number from 1 to 65535") from None
-    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise SendError(f"--smtp {url!r}: give only a scheme, a host and a port, like smtp://relay.example:587")
-    implicit = parts.scheme == "smtps"
-    port = port or (465 if implicit else 587)
-    host = parts.hostname
-    shown = f"[{host}]" if ":" in host else host
-    return Relay(f"{parts.scheme}://{shown}:{port}", host, port, implicit, allow_plaintext or _is_loopback(host))
-
-
-@dataclass(frozen=True)
-class Credentials:
-    user: str = field(repr=False)
-    password: str = field(repr=False)
-
-
-def credentials_from_env(user_env: str, password_env: str, environ: Mapping[str, str] = os.environ) -> Credentials | None:
-    """Both set: log in; neither: no AUTH (a relay that trusts the network); one: an error."""
-    user, password = environ.get(user_env), environ.get(password_env)
-    if user is None and password is None:
-        return None
-    if user is None or password is None:
-        missing = user_env if user is None else password_env
-        raise SendError(f"environment variable {missing} is not set (the other half of the SMTP login is); export it")
-    return Credentials(user, password)
-
-
-@dataclass(frozen=True)
-class SendOptions:
-    out: Path
-    relay: Relay
-    credentials: Credentials | None = field(default=None, repr=False)
-    connections: int = DEFAULT_CONNECTIONS
-    rate: float | None = None  # messages per second over all connections
-    retries: int = DEFAULT_RETRIES
-    backoff: float = DEFAULT_BACKOFF
-    timeout: float = DEFAULT_TIMEOUT
-    to_override: str | None = None
-    mail_from: str | None = None
-    limit: int | None = None
-    dry_run: bool = False
-    resend_unknown: bool = False
-    partial: bool = False
-    dkim: DkimSigner | None = None
-    ca_file: Path | None = None
-
-
-# -- pacing -------------------------------------------------------------------------------
-
-
-class Pacer:
-    """Transaction starts at `rate` per second over every connection.
-
-    Two rules, one waiter at a time: starts follow a schedule `1/rate` apart
-    (a start the event loop woke late for is made up by the next ones, so the
-    average is `rate`; only the last MAX_DEBT seconds of delay are made up,
-    so a stall never becomes a flood),
-    and no `window` seconds ever hold more than `capacity` real starts
-    (`capacity / window == rate`; 50 a second for rate 50), whatever the loop did."""
-
-    MAX_DEBT = 0.25  # seconds behind the schedule that are made up: at most rate/4 starts back to back
-
-    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = 0.0 if rate is None else 1.0 / rate
-        self.capacity = 1 if rate is None else max(1, int(rate))
-        self.window = self.capacity * self.interval
-        self.clock = clock
-        self.next_slot = -float("inf")
-        self.starts: deque[float] = deque(maxlen=self.capacity)
-        self._turn = asyncio.Lock()
-
-    def slot(self, now: float) -> float:
-        """When the next start may happen, asked at `now` (then `started`)."""
-        # The first start opens the schedule: no debt before it.
-        self.next_slot = now if not self.starts else max(self.next_slot, now - self.MAX_DEBT)
-        slot = self.next_slot
-        if len(self.starts) == self.capacity:
-            slot = max(slot, self.starts[0] + self.window)
-        self.next_slot = slot + self.interval
-        return max(slot, now)
-
-    def started(self, at: float) -> None:
-        self.starts.append(at)
-
-    async def wait_turn(self, stopping: asyncio.Event) -> bool:
-        """Wait for the next start; False if `stopping` was set meanwhile."""
-        if not self.interval:
-            return not stopping.is_set()
-        async with self._turn:
-            delay = self.slot(self.clock()) - self.clock()
-            if delay > 0:
-                try:
-                    await asyncio.wait_for(stopping.wait(), delay)
-                    return False
-                except TimeoutError:
-                    pass
-            if stopping.is_set():
-                return False
-            self.started(self.clock())
-            return True
 
 
 # -- one connection ------------------------------------------------------------------------
 
 
+@contextmanager
+def _stop_on_signals(loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM call `on_signal` in the event loop (which wakes for
+    them) instead of raising; the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in previous:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, handler)
+
+
 class _Fatal(Exception):
     """Sending cannot go on (TLS, login, policy): stop every connection."""
-
-
-@dataclass
-class Tally:
-    """What this run did: outcomes, reply codes, failures worth showing."""
-
-    outcomes: Counter[str] = field(default_factory=Counter)
-    codes: Counter[str] = field(default_factory=Counter)
-    unreadable: list[str] = field(default_factory=list)
-    starts: int = 0  # transactions begun
-    first_start: float | None = None
-    last_start: float | None = None
 
 
 def _now() -> str:
@@ -384,7 +247,7 @@ class Sender:
         if o.dry_run:
             await self._quit(first)
             return
-        with self._signals(loop):
+        with _stop_on_signals(loop, self._on_signal):
             workers = min(o.connections, len(messages))
             tasks = [asyncio.create_task(self._worker(first if i == 0 else None)) for i in range(workers)]
             await asyncio.gather(*tasks)
@@ -407,25 +270,6 @@ class Sender:
         if self.stop_signal is None:
             self.stop_signal = signum
             self._stop()
-
-    def _signals(self, loop: asyncio.AbstractEventLoop) -> Any:
-        sender = self
-
-        class _Handlers:
-            def __enter__(self) -> None:
-                self.installed = threading.current_thread() is threading.main_thread()
-                if self.installed:
-                    self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-                    for s in self.previous:
-                        loop.add_signal_handler(s, sender._on_signal, s)
-
-            def __exit__(self, *exc: object) -> None:
-                if self.installed:
-                    for s, handler in self.previous.items():
-                        loop.remove_signal_handler(s)
-                        signal.signal(s, handler)
-
-        return _Handlers()
 
     async def _worker(self, client: aiosmtplib.SMTP | None) -> None:
         o = self.options
@@ -538,7 +382,9 @@ def send_messages(options: SendOptions, clock: Callable[[], float] = time.monoto
                 asyncio.run(sender.run(todo))
             except SendError as exc:
                 error = exc
-            report = build_report(options, sender, messages, journal.states, settled, len(todo), clock() - started)
+            report = build_report(
+                options, sender.tally, sender.stop_signal, messages, journal.states, settled, len(todo), clock() - started
+            )
             if not options.dry_run:
                 write_atomic(out / SEND_REPORT, (json.dumps(report, indent=2) + "\n").encode())
         finally:
@@ -559,62 +405,3 @@ def send_messages(options: SendOptions, clock: Callable[[], float] = time.monoto
     return report
 
 
-def build_report(
-    options: SendOptions,
-    sender: Sender,
-    messages: list[Outgoing],
-    states: Mapping[str, str],
-    settled: Counter[str],
-    planned: int,
-    elapsed: float,
-) -> dict[str, Any]:
-    tally = sender.tally
-    this = {outcome: tally.outcomes.get(outcome, 0) for outcome in (*OUTCOMES, "unreadable")}
-    total = Counter(states.get(m.id, "not sent") for m in messages)
-    total = Counter({("deferred" if k == "retrying" else k): v for k, v in total.items()})
-    span = None if tally.first_start is None or tally.last_start is None else tally.last_start - tally.first_start
-    return {
-        "command": "send",
-        "relay": options.relay.url,
-        "dry_run": options.dry_run,
-        "this_run": {**this, "attempted": sum(this.values()), "planned": planned},
-        "total": {k: total.get(k, 0) for k in (*OUTCOMES, "not sent")},
-        "messages": len(messages),
-        "settled_by_earlier_runs": dict(settled),
-        "reply_codes": dict(sorted(tally.codes.items())),
-        "connections": options.connections,
-        "rate_limit_per_s": options.rate,
-        # Transactions begun per second, first to last: what --rate limits.
-        "rate_achieved_per_s": round((tally.starts - 1) / span, 2) if span else None,
-        "elapsed_s": round(elapsed, 3),
-        "unreadable_files": tally.unreadable[:20],
-        "stopped": None if sender.stop_signal is None else signal.Signals(sender.stop_signal).name,
-    }
-
-
-def send_summary(report: dict[str, Any]) -> str:
-    """The lines printed at the end of a send."""
-    if report["dry_run"]:
-        return (f"Dry run: {report['relay']} accepted the connection, TLS and login; "
-                f"{report['this_run']['planned']} messages would be sent.")
-    this, total = report["this_run"], report["total"]
-    rate = report["rate_achieved_per_s"]
-    if this["planned"]:
-        first = (f"Sent {this['sent']} of {this['planned']} messages to {report['relay']} in {report['elapsed_s']:.2f}s"
-                 + (f" ({rate:g}/s)" if rate else ""))
-    else:
-        first = "Nothing to send: the journal settles every message"
-    lines = [
-        first,
-        "  this run: " + "  ".join(f"{k} {this[k]}" for k in (*OUTCOMES, "unreadable") if this[k] or k == "sent"),
-        "  journal:  " + "  ".join(f"{k} {v}" for k, v in total.items()) + f"   (of {report['messages']} messages)",
-    ]
-    if report["reply_codes"]:
-        lines.append("  replies:  " + "  ".join(f"{code} x{n}" for code, n in report["reply_codes"].items()))
-    if total["unknown"]:
-        lines.append(f"  WARNING: {total['unknown']} messages are unknown (the connection died before the relay's "
-                     "reply); --resend-unknown sends them again")
-    lines.extend(f"  unreadable: {line}" for line in report["unreadable_files"])
-    if report["stopped"]:
-        lines.append(f"  STOPPED by {report['stopped']}")
-    return "\n".join(lines)

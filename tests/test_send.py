@@ -21,7 +21,9 @@ from conftest import invoke, manifest_lines, render, write_campaign
 from smtp_server import Relay, running_relay
 
 from emailpers.errors import SendError
-from emailpers.send import Pacer, SendOptions, parse_relay, send_messages
+from emailpers.pacing import Pacer
+from emailpers.relay import SendOptions, parse_relay
+from emailpers.send import send_messages
 
 USER, PASSWORD = "relay-user", "pw-S3CRET-do-not-leak"
 
