@@ -116,20 +116,22 @@ class Journal:
     """sent.jsonl: appended a line at a time, unbuffered, so a `sending` line
     is on disk (the kernel's) before the transaction it announces starts."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, *, readonly: bool = False) -> None:
         self.path = out / JOURNAL
         self.states: dict[str, str] = {}
+        self.readonly = readonly  # a dry run: reads what earlier sends did, writes nothing
         self._read()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = -1 if readonly else os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _read(self) -> None:
         if not self.path.exists():
             return
-        with open(self.path, "rb+") as f:
+        with open(self.path, "rb" if self.readonly else "rb+") as f:
             position = 0
             for number, line in enumerate(f, start=1):
                 if not line.endswith(b"\n"):
-                    f.truncate(position)  # torn by a kill: the line it would have been is not known
+                    if not self.readonly:
+                        f.truncate(position)  # torn by a kill: the line it would have been is not known
                     break
                 position += len(line)
                 try:
@@ -148,6 +150,7 @@ class Journal:
         return str(event)
 
     def write(self, entry: dict[str, Any]) -> None:
+        assert not self.readonly, "a dry run sends nothing"
         data = (json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         try:
             view = memoryview(data)
@@ -158,4 +161,5 @@ class Journal:
         self.states[entry["id"]] = self._state(entry)
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)

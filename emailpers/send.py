@@ -372,7 +372,7 @@ def send_messages(options: SendOptions, clock: Callable[[], float] = time.monoto
                 "command again), or pass --partial to send what is there"
             )
         messages = read_manifest(out)
-        journal = Journal(out)
+        journal = Journal(out, readonly=options.dry_run)
         try:
             todo, settled = plan(messages, journal.states, options)
             sender = Sender(options, journal, clock)

@@ -22,7 +22,7 @@ from smtp_server import Relay, running_relay
 
 from emailpers.errors import SendError
 from emailpers.pacing import Pacer
-from emailpers.relay import SendOptions, parse_relay
+from emailpers.relay import SendOptions, credentials_from_env, parse_relay
 from emailpers.send import send_messages
 
 USER, PASSWORD = "relay-user", "pw-S3CRET-do-not-leak"
@@ -218,11 +218,17 @@ def test_to_override_limit_and_dry_run(tmp_path: Path, login: None) -> None:
         assert dry.exit_code == 0, dry.output + dry.stderr
         assert "accepted the connection, TLS and login; 5 messages would be sent" in dry.output
         assert relay.logins == 1 and relay.received == []
-        assert not (out / "send-report.json").exists()
+        assert not (out / "send-report.json").exists() and not (out / "sent.jsonl").exists()
         result = send(out, relay, "--to-override", "seed@test.example", "--limit", "2")
     assert result.exit_code == 0, result.output
     assert [r.rcpt_tos for r in relay.received] == [["seed@test.example"]] * 2
     assert relay.received[0].data == (out / "messages" / "p000.eml").read_bytes()  # the To header is untouched
+
+
+def test_half_a_login_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert credentials_from_env("U", "P", {}) is None
+    with pytest.raises(SendError, match="environment variable P is not set"):
+        credentials_from_env("U", "P", {"U": "someone"})
 
 
 def test_plaintext_is_refused_unless_loopback_or_allowed(tmp_path: Path) -> None:
