@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import threading
@@ -351,6 +352,13 @@ def cache_clear(campaign_file: Path, cache_dir: Path | None, source: str | None)
     click.echo(f"Removed {removed} cached responses" + (f" of source {source}" if source else "") + ".")
 
 
+def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A bare address (user@domain) for the SMTP envelope: no name, no space, no line break."""
+    if value is not None and not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", value):
+        raise click.BadParameter(f"{value!r} is not an address like seed@test.example")
+    return value
+
+
 @cli.command()
 @click.argument("out", metavar="OUT", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--smtp", "smtp_url", required=True, metavar="URL",
@@ -369,8 +377,8 @@ def cache_clear(campaign_file: Path, cache_dir: Path | None, source: str | None)
               help="Attempts after a 4xx reply or a lost connection, with backoff, before `deferred`.")
 @click.option("--backoff", type=click.FloatRange(0), default=DEFAULT_BACKOFF, show_default=True, metavar="SECONDS",
               help="Wait before the first retry; doubles each time.")
-@click.option("--to-override", metavar="ADDR", help="Send every message to ADDR instead (envelope only): a test inbox.")
-@click.option("--mail-from", metavar="ADDR", help="Envelope sender (bounces) [default: the From address].")
+@click.option("--to-override", metavar="ADDR", callback=_address, help="Send every message to ADDR instead (envelope only): a test inbox.")
+@click.option("--mail-from", metavar="ADDR", callback=_address, help="Envelope sender (bounces) [default: the From address].")
 @click.option("--limit", type=click.IntRange(1), metavar="N", help="Send only the first N messages still to send.")
 @click.option("--dry-run", is_flag=True, help="Connect, EHLO, check TLS and the login; send nothing.")
 @click.option("--resend-unknown", is_flag=True,

@@ -225,6 +225,12 @@ def test_to_override_limit_and_dry_run(tmp_path: Path, login: None) -> None:
     assert relay.received[0].data == (out / "messages" / "p000.eml").read_bytes()  # the To header is untouched
 
 
+def test_envelope_addresses_are_checked(tmp_path: Path) -> None:
+    result = invoke("send", tmp_path, "--smtp", "smtp://127.0.0.1:1", "--to-override", "seed@x.example\r\nRCPT TO:<a@b>")
+    assert result.exit_code == 2
+    assert "is not an address like seed@test.example" in result.stderr
+
+
 def test_half_a_login_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     assert credentials_from_env("U", "P", {}) is None
     with pytest.raises(SendError, match="environment variable P is not set"):
