@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import jinja2
 
 from emailpers.errors import CampaignError
+from emailpers.signing import MIN_KEY_BYTES
 
 DEFAULT_TIMEOUT = 2.0
 DEFAULT_RETRIES = 3
@@ -127,6 +128,28 @@ def recipient_format(name: str) -> tuple[str, str, bool] | None:
 
 
 @dataclass(frozen=True)
+class Unsubscribe:
+    """`[campaign] unsubscribe`: where a recipient unsubscribes. Each message
+    carries a token signed with `key` (emailpers/signing.py) naming its
+    recipient, in the URL (`{{ token }}`) and the mailto subject."""
+
+    url: str | None  # https, with {{ token }} in it: the RFC 8058 one-click endpoint
+    mailto: str | None
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Dkim:
+    """`[send] dkim`: read by `emailpers send`; the key is only read then, by
+    the process that signs (never a render process)."""
+
+    domain: str
+    selector: str
+    key_env: str | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Campaign:
     path: Path  # the TOML file
     name: str
@@ -140,6 +163,8 @@ class Campaign:
     headers: dict[str, str] = field(default_factory=dict)
     sources: dict[str, Source] = field(default_factory=dict)
     render_deadline: float = DEFAULT_RENDER_DEADLINE
+    unsubscribe: Unsubscribe | None = None
+    dkim: Dkim | None = None
 
     @property
     def root(self) -> Path:
@@ -314,12 +339,12 @@ def load_campaign(
         raise CampaignError(f"{path}: not valid TOML: {exc}") from None
     loader = _Loader(path, text, need_secrets, os.environ if env is None else env)
     top = _Table(loader, data, "campaign file")
-    top.no_unknown({"campaign", "recipients", "sources", "auth"})
+    top.no_unknown({"campaign", "recipients", "sources", "auth", "send"})
 
     c = _Table(loader, top.get("campaign", dict, required=True), "[campaign]")
     c.no_unknown({
         "name", "template", "text_template", "fallback_template", "subject", "preheader", "from", "headers",
-        "render_deadline",
+        "render_deadline", "unsubscribe",
     })  # fmt: skip
     template = loader.file(c, "template", required=True)
     assert template is not None
@@ -339,7 +364,7 @@ def load_campaign(
         # Content-Type would make the message ambiguous or unreadable.
         if not _FIELD_NAME.fullmatch(name):
             raise loader.error("[campaign]", "headers", f"{name!r} is not a header name (printable ASCII, no space or ':')")
-        if name.lower() in _OWN_HEADERS:
+        if name.lower() in _OWN_HEADERS or (c.data.get("unsubscribe") and name.lower() in UNSUBSCRIBE_HEADERS):
             raise loader.error("[campaign]", "headers", f"cannot set {name!r}: emailpers writes that header itself")
     auths = _load_auths(loader, top.get("auth", dict, {}))
     sources_table = top.get("sources", dict, {})
@@ -358,7 +383,55 @@ def load_campaign(
         recipients=recipients_config,
         sources=sources,
         render_deadline=c.number("render_deadline", DEFAULT_RENDER_DEADLINE, above=True),
+        unsubscribe=_load_unsubscribe(loader, c),
+        dkim=_load_dkim(loader, _Table(loader, top.get("send", dict, {}), "[send]")),
     )
+
+
+UNSUBSCRIBE_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
+_TOKEN = "{{ token }}"
+
+
+def _load_unsubscribe(loader: _Loader, c: _Table) -> Unsubscribe | None:
+    if "unsubscribe" not in c.data:
+        return None
+    u = _Table(loader, c.get("unsubscribe", dict), "[campaign] unsubscribe")
+    u.no_unknown({"url", "mailto", "key_env"})
+    url, mailto = u.get("url", str), u.get("mailto", str)
+    if url is None and mailto is None:
+        raise loader.error("[campaign]", "unsubscribe", "needs url (one-click, https) or mailto, or both")
+    if url is not None:
+        # RFC 8058: the one-click URI must be HTTPS; it carries the token, so it must be where the token goes.
+        if urlsplit(url).scheme != "https" or not urlsplit(url).hostname:
+            raise loader.error("[campaign]", "unsubscribe", f"url must be an https:// URL (RFC 8058), got {url!r}")
+        if _TOKEN not in url or _CONTROL.search(url) or " " in url.replace(_TOKEN, ""):
+            raise loader.error(
+                "[campaign]", "unsubscribe", f"url must contain {_TOKEN} where the signed token goes, and no space: {url!r}"
+            )
+    if mailto is not None and not re.fullmatch(r"[^@\s<>,?]+@[A-Za-z0-9.-]+", mailto):
+        raise loader.error("[campaign]", "unsubscribe", f"mailto must be a plain address like unsub@shop.example, got {mailto!r}")
+    key = u.env("key_env")
+    if loader.need_secrets and len(key.encode()) < MIN_KEY_BYTES:
+        raise loader.error(
+            "[campaign]", "unsubscribe",
+            f"key_env: the signing key must be at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)",
+        )
+    return Unsubscribe(url=url, mailto=mailto, key=key.encode())
+
+
+def _load_dkim(loader: _Loader, s: _Table) -> Dkim | None:
+    s.no_unknown({"dkim"})
+    if "dkim" not in s.data:
+        return None
+    d = _Table(loader, s.get("dkim", dict), "[send] dkim")
+    d.no_unknown({"domain", "selector", "key_env", "key_file"})
+    domain, selector = d.get("domain", str, required=True), d.get("selector", str, required=True)
+    for key, value in (("domain", domain), ("selector", selector)):
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+            raise loader.error("[send] dkim", key, f"is not a DNS name: {value!r}")
+    if ("key_env" in d.data) == ("key_file" in d.data):
+        raise loader.error("[send]", "dkim", "needs exactly one of key_env (the PEM private key) or key_file")
+    return Dkim(domain, selector, key_env=d.get("key_env", str), key_file=loader.file(d, "key_file", required=False))
 
 
 def _ascii_compatible(codec: codecs.CodecInfo) -> bool:

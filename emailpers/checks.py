@@ -59,6 +59,7 @@ def check_names(campaign: Campaign, renderer: Renderer, columns: list[str]) -> N
     if not columns:
         return  # an unreadable or empty list: reading it says what is wrong, with the line
     known = set(columns) | set(campaign.sources) | BUILTINS | set(renderer.html_env.globals)
+    known |= {"unsubscribe_url"} if campaign.unsubscribe and campaign.unsubscribe.url else set()
     # Jinja counts a name set inside an {% if %} as undeclared (the branch
     # may not run), and a base template's names reach its children's
     # blocks: a name any template assigns is the campaign's own.

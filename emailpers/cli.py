@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ import click
 from emailpers import __version__
 from emailpers.cache import ResponseCache
 from emailpers.campaign import Campaign, load_campaign
+from emailpers.dkimsign import load_signer
 from emailpers.errors import CampaignError, EmailpersError, Interrupted
 from emailpers.output import FORMATS
 from emailpers.pipeline import (
@@ -31,7 +33,19 @@ from emailpers.pipeline import (
     warm_cache,
 )
 from emailpers.recipients import count_rows, recipients_argument
+from emailpers.relay import (
+    DEFAULT_BACKOFF,
+    DEFAULT_CONNECTIONS,
+    DEFAULT_PASSWORD_ENV,
+    DEFAULT_RETRIES,
+    DEFAULT_USER_ENV,
+    SendOptions,
+    credentials_from_env,
+    parse_relay,
+)
 from emailpers.report import STATUSES, summary
+from emailpers.send import send_messages
+from emailpers.sendreport import send_exit_code, send_summary
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -332,6 +346,79 @@ def cache_clear(campaign_file: Path, cache_dir: Path | None, source: str | None)
         removed = store.clear(source)
         store.close()
     click.echo(f"Removed {removed} cached responses" + (f" of source {source}" if source else "") + ".")
+
+
+def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A bare address (user@domain) for the SMTP envelope: no name, no space, no line break."""
+    if value is not None and not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", value):
+        raise click.BadParameter(f"{value!r} is not an address like seed@test.example")
+    return value
+
+
+@cli.command()
+@click.argument("out", metavar="OUT", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--smtp", "smtp_url", required=True, metavar="URL",
+              help="Relay: smtp://host:587 (STARTTLS) or smtps://host:465 (implicit TLS). No credentials here.")
+@click.option("--user-env", default=DEFAULT_USER_ENV, show_default=True, metavar="VAR",
+              help="Environment variable holding the SMTP login (unset with its password: no AUTH).")
+@click.option("--password-env", default=DEFAULT_PASSWORD_ENV, show_default=True, metavar="VAR",
+              help="Environment variable holding the SMTP password.")
+@click.option("--campaign", "campaign_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The campaign file, for its [send] dkim signing settings.")
+@click.option("--connections", type=click.IntRange(1, 100), default=DEFAULT_CONNECTIONS, show_default=True,
+              help="SMTP connections at once; each sends many messages.")
+@click.option("--rate", type=click.FloatRange(0, min_open=True), metavar="N",
+              help="At most N messages per second, over all connections [default: no limit].")
+@click.option("--retries", type=click.IntRange(0, 20), default=DEFAULT_RETRIES, show_default=True,
+              help="Attempts after a 4xx reply or a lost connection, with backoff, before `deferred`.")
+@click.option("--backoff", type=click.FloatRange(0), default=DEFAULT_BACKOFF, show_default=True, metavar="SECONDS",
+              help="Wait before the first retry; doubles each time.")
+@click.option("--to-override", metavar="ADDR", callback=_address, help="Send every message to ADDR instead (envelope only): a test inbox.")
+@click.option("--mail-from", metavar="ADDR", callback=_address, help="Envelope sender (bounces) [default: the From address].")
+@click.option("--limit", type=click.IntRange(1), metavar="N", help="Send only the first N messages still to send.")
+@click.option("--dry-run", is_flag=True, help="Connect, EHLO, check TLS and the login; send nothing.")
+@click.option("--resend-unknown", is_flag=True,
+              help="Send again messages whose earlier send got no reply (the receiver can dedupe on Message-ID).")
+@click.option("--partial", is_flag=True, help="Send from a render that stopped early or was killed.")
+@click.option("--allow-plaintext", is_flag=True,
+              help="Send without TLS to a relay that offers no STARTTLS (loopback relays are allowed anyway).")
+@click.option("--ca-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Trust this CA bundle (PEM) for the relay's certificate, e.g. a company CA.")
+def send(
+    out: Path, smtp_url: str, user_env: str, password_env: str, campaign_file: Path | None, connections: int,
+    rate: float | None, retries: int, backoff: float, to_override: str | None, mail_from: str | None,
+    limit: int | None, dry_run: bool, resend_unknown: bool, partial: bool, allow_plaintext: bool,
+    ca_file: Path | None,
+) -> None:
+    """Send the messages a render wrote into OUT through an SMTP relay.
+
+    Only manifest lines with status rendered or fallback are sent. OUT/sent.jsonl
+    journals every transaction; running the same command again sends only what
+    is not yet sent or rejected. Exit 0 when every message is sent, 3 when some
+    are rejected, deferred or unknown, 1 on an error, 130/143 after SIGINT/SIGTERM
+    (the transactions in flight finish first).
+    """
+    with _errors():
+        signer = None
+        if campaign_file is not None:
+            config = load_campaign(campaign_file, need_secrets=False)
+            signer = load_signer(config.dkim) if config.dkim is not None else None
+        options = SendOptions(
+            out=out, relay=parse_relay(smtp_url, allow_plaintext=allow_plaintext),
+            credentials=credentials_from_env(user_env, password_env), connections=connections, rate=rate,
+            retries=retries, backoff=backoff, to_override=to_override, mail_from=mail_from, limit=limit,
+            dry_run=dry_run, resend_unknown=resend_unknown, partial=partial, dkim=signer, ca_file=ca_file,
+        )  # fmt: skip
+        try:
+            report = send_messages(options)
+        except EmailpersError as exc:
+            if exc.send_report is not None:  # what the send did before it stopped
+                click.echo(send_summary(exc.send_report))
+            raise
+    click.echo(send_summary(report))
+    if not dry_run:
+        click.echo(f"Journal: {out}/sent.jsonl, report: {out}/send-report.json")
+    sys.exit(send_exit_code(report))
 
 
 @cli.command()

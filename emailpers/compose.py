@@ -29,7 +29,7 @@ class Composer:
 
     def __call__(self, request: RenderRequest) -> RenderResult:
         try:
-            message = self.renderer.render(request.fields, request.data, request.failures)
+            message = self.renderer.render(request.fields, request.data, request.failures, request.unsubscribe_token)
             files = write_message(self.out, request.id, request.email, message, self.formats, self.envelope)
         except RenderFailed as exc:
             return NotRendered(str(exc))

@@ -7,6 +7,7 @@
     ├── CacheError                 the cache folder cannot be used (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
+    ├── SendError                  `send` cannot start or go on: relay, TLS, login, folder (exit 1)
     ├── TooManyFailures            --max-failures recipients failed; the run stopped (exit 3)
     ├── UnhealthySource            a source failed too often; the run stopped early (exit 4)
     └── Interrupted                SIGINT or SIGTERM stopped the run (exit 130 or 143)
@@ -23,7 +24,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from emailpers.report import Report
@@ -34,6 +35,7 @@ class EmailpersError(Exception):
 
     exit_code = 1
     report: Report | None = None  # a run that stopped: its report (and exit code), set as the error leaves it
+    send_report: dict[str, Any] | None = None  # a send that stopped: its send-report.json
 
 
 class CampaignError(EmailpersError):
@@ -59,6 +61,11 @@ class AuthFailed(EmailpersError):
 
 class RenderProcessDied(EmailpersError):
     """A render process ended abruptly; the pool cannot go on."""
+
+
+class SendError(EmailpersError):
+    """`emailpers send` cannot start or go on: the relay URL, TLS, the login,
+    the DKIM key, or an output folder that is not ready to send."""
 
 
 class TooManyFailures(EmailpersError):

@@ -95,6 +95,8 @@ class RenderRequest:
     fields: dict[str, Any]
     data: dict[str, Any]  # per source that gave data
     failures: dict[str, str]  # per source that did not: why
+    # signed in the main process: the signing key never reaches a render process
+    unsubscribe_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from emailpers.processes import RenderPool, environment_without, stop_on_signals
 from emailpers.recipients import Preflight, Row, preflight, read_recipients
 from emailpers.report import Report, SourceFigures, build_report
 from emailpers.tally import HealthGuard, Tally
+from emailpers.unsubscribe import unsubscribe_token
 
 DEFAULT_CONCURRENCY = 32
 DEFAULT_MAX_ERROR_RATE = 0.5
@@ -241,7 +242,13 @@ class Run:
         if workers <= 0 or self.job is None:
             return None
         # Workers get the campaign without its sources: they never see a secret.
-        return RenderPool(workers, init_process, (replace(self.campaign, sources={}), self.options.out, self.options.formats))
+        # Render processes get the campaign without its secrets: no sources (credentials), and no
+        # unsubscribe signing key (the main process signs each recipient's token).
+        unsubscribe = self.campaign.unsubscribe
+        campaign = replace(
+            self.campaign, sources={}, unsubscribe=replace(unsubscribe, key=b"") if unsubscribe else None
+        )
+        return RenderPool(workers, init_process, (campaign, self.options.out, self.options.formats))
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -382,7 +389,9 @@ class Run:
             return
         data = {name: r.data for name, r in fetched.items() if r.ok}
         failures = {name: r.reason for name, r in results.items() if not r.ok}
-        request = RenderRequest(row.id, row.email, row.fields, data, failures)
+        unsubscribe = self.campaign.unsubscribe
+        token = unsubscribe_token(unsubscribe, self.campaign.name, row.id, row.email) if unsubscribe else None
+        request = RenderRequest(row.id, row.email, row.fields, data, failures, token)
         if self.render_queue is None:
             rendered = self.job(request)
         else:
@@ -439,6 +448,8 @@ def _secrets(campaign: Campaign) -> list[str]:
             value = getattr(source.auth, f.name)
             # secret_token_params: (name, value) pairs
             found += [v for _, v in value] if isinstance(value, tuple) else [value]
+    if campaign.unsubscribe is not None:
+        found.append(campaign.unsubscribe.key.decode(errors="replace"))
     return found
 
 

@@ -36,6 +36,7 @@ from emailpers.sandbox import (
     is_blank,
     memory_cap,
 )
+from emailpers.unsubscribe import unsubscribe_headers, unsubscribe_token, unsubscribe_url
 
 _MJML_SUFFIXES = (".mjml", ".mjml.j2")
 MAX_BODY = 10 * 1024 * 1024  # characters of rendered HTML or MJML; Gmail clips an email at 102 KB
@@ -220,7 +221,9 @@ class Renderer:
         except jinja2.TemplateSyntaxError as exc:
             raise CampaignError(f"{campaign_key_where(self.campaign.path, key)}: template syntax error: {exc.message}") from None
 
-    def render(self, fields: dict[str, Any], data: dict[str, Any], failures: dict[str, str]) -> Email:
+    def render(
+        self, fields: dict[str, Any], data: dict[str, Any], failures: dict[str, str], unsubscribe_token: str | None = None
+    ) -> Email:
         """Render one email. `data` holds each delivered source's JSON, `failures`
         says why each other source has none. A null or blank field or answer is
         missing. Raises RenderFailed."""
@@ -230,6 +233,7 @@ class Renderer:
             for k, v in fields.items()
         }
         context["recipient"] = fields
+        extra_headers = self._unsubscribe(fields, context, unsubscribe_token)
         context.update((name, value) for name, value in data.items() if name not in failures)
         for name, why in failures.items():
             context[name] = jinja2.StrictUndefined(
@@ -255,7 +259,22 @@ class Renderer:
         if out.preheader:
             html = _insert_preheader(html, _CONTROL.sub("", out.preheader))
         text = html_to_text(html) if out.text is None else out.text
-        return Email(out.subject, html, text, out.headers, state.fallback_blocks, out.used_fallback_template)
+        headers = {**out.headers, **extra_headers}
+        return Email(out.subject, html, text, headers, state.fallback_blocks, out.used_fallback_template)
+
+    def _unsubscribe(self, fields: dict[str, Any], context: dict[str, Any], token: str | None) -> dict[str, str]:
+        """[campaign] unsubscribe: this recipient's signed headers; the URL is
+        also `{{ unsubscribe_url }}` for the footer link. The run signs the
+        token in the main process (`token`); a Renderer used on its own signs it."""
+        config = self.campaign.unsubscribe
+        if config is None:
+            return {}
+        if token is None:
+            r = self.campaign.recipients
+            token = unsubscribe_token(config, self.campaign.name, str(fields[r.id_field]), str(fields[r.email_field]))
+        if config.url is not None:
+            context["unsubscribe_url"] = unsubscribe_url(config, token)
+        return unsubscribe_headers(config, token)
 
     def _jinja(self, context: dict[str, Any], state: Budget) -> _Jinja:
         subject = self._header_value("subject", self.subject, context)

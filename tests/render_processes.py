@@ -16,6 +16,7 @@ import psutil
 from conftest import Behaviour, ScriptedAPI, manifest, parse_eml, parts, source, write_campaign
 
 SECRET = "s3cret-token-value-7f2c"  # the campaign's bearer token: it must never reach a render process
+SIGNING_KEY = "unsubscribe-signing-key-not-for-render-processes"
 
 
 def people(n: int) -> list[dict[str, str]]:
@@ -40,19 +41,22 @@ def start_render(
     new_session: bool = False,
     stdout: int = subprocess.DEVNULL,
     template: str | None = None,
+    unsubscribe: bool = False,
 ) -> Started:
     """A real render process (the API answers after 0.2 s, eight requests at
     a time, so the run lasts seconds). `new_session`: its own process group, so
     a test can signal the whole group the way a terminal's Ctrl-C does."""
     behaviour = api.serve("/users/*", lambda request: {"products": [request.path.split("/")[2].upper()]}, delay=0.2)
-    campaign = write_campaign(tmp_path / "c", recipients=people(n), template=template,
+    # unsubscribe: a signing key, a second secret that must stay in the main process
+    extra = {"unsubscribe": {"url": "https://shop.example/u/{{ token }}", "key_env": "UNSUBSCRIBE_KEY"}} if unsubscribe else {}
+    campaign = write_campaign(tmp_path / "c", recipients=people(n), template=template, campaign=extra,
                               sources={"shop": source(api.url + "/users/{{ id }}/cart",
                                                       auth={"type": "bearer", "token_env": "SHOP_TOKEN"})})
     out = tmp_path / "out"
     command = [sys.executable, "-m", "emailpers", "render", str(campaign), "--out", str(out),
                "--workers", str(workers), "--concurrency", "8", "--no-progress"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE,
-                               env={**os.environ, "SHOP_TOKEN": SECRET}, start_new_session=new_session)
+                               env={**os.environ, "SHOP_TOKEN": SECRET, "UNSUBSCRIBE_KEY": SIGNING_KEY}, start_new_session=new_session)
     return Started(process, behaviour, [p["id"] for p in people(n)], campaign, out)
 
 

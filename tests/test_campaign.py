@@ -12,7 +12,9 @@ from conftest import render, source, write_campaign
 from emailpers.campaign import DEFAULT_TIMEOUT, load_campaign
 from emailpers.errors import CampaignError
 
-CAMPAIGN_KEYS = "fallback_template, from, headers, name, preheader, render_deadline, subject, template, text_template"
+CAMPAIGN_KEYS = (
+    "fallback_template, from, headers, name, preheader, render_deadline, subject, template, text_template, unsubscribe"
+)
 
 
 def line_of(path: Path, text: str) -> int:
@@ -50,7 +52,7 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
     campaign = write_campaign(tmp_path / "c", extra="\n[sauces.shop]\nurl = 'x'\n")
     assert_refused(campaign, tmp_path / "out",
                    f"{campaign}:{line_of(campaign, 'sauces')}: campaign file sauces unknown key (did you mean 'sources'?); "
-                   "known keys: auth, campaign, recipients, sources")
+                   "known keys: auth, campaign, recipients, send, sources")
 
 
 @pytest.mark.parametrize(

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from conftest import ScriptedAPI
-from render_processes import SECRET, files_match_manifest, kill_all, start_render, survivors, wait_mid_run
+from render_processes import SECRET, SIGNING_KEY, files_match_manifest, kill_all, start_render, survivors, wait_mid_run
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc/<pid>/environ")
 def test_render_processes_and_the_resource_tracker_hold_no_secret(api: ScriptedAPI, tmp_path: Path) -> None:
-    started = start_render(api, tmp_path, 100, workers=2)
+    started = start_render(api, tmp_path, 100, workers=2, unsubscribe=True)
     children = []
     try:
         children = wait_mid_run(started, 2)
@@ -30,10 +30,10 @@ def test_render_processes_and_the_resource_tracker_hold_no_secret(api: ScriptedA
         started.process.kill()
         kill_all(children)
         started.process.communicate()
-    assert SECRET.encode() in own, "the test must hand the secret to the main process"
+    assert SECRET.encode() in own and SIGNING_KEY.encode() in own, "the test must hand the secrets to the main process"
     assert any("resource_tracker" in name for name in environs), environs.keys()
     assert any("spawn_main" in name for name in environs), environs.keys()
-    leaking = [name for name, environ in environs.items() if SECRET.encode() in environ]
+    leaking = [name for name, environ in environs.items() for secret in (SECRET, SIGNING_KEY) if secret.encode() in environ]
     assert leaking == []
 
 
