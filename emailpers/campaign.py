@@ -126,6 +126,17 @@ def recipient_format(name: str) -> tuple[str, str, bool] | None:
 
 
 @dataclass(frozen=True)
+class Amp:
+    """[campaign] amp_template and its link key (AMP for Email, see amp.py)."""
+
+    template: Path
+    key_env: str | None = None  # the variable holding the key of amp_url's tokens
+    key: bytes = field(default=b"", repr=False)  # its value: main process only
+    token_ttl: float = 30 * 24 * 3600.0  # seconds an amp_url stays valid; Gmail shows AMP for 30 days
+    validate: bool = True  # False: --amp-unvalidated
+
+
+@dataclass(frozen=True)
 class Campaign:
     path: Path  # the TOML file
     name: str
@@ -139,6 +150,7 @@ class Campaign:
     headers: dict[str, str] = field(default_factory=dict)
     sources: dict[str, Source] = field(default_factory=dict)
     render_deadline: float = DEFAULT_RENDER_DEADLINE
+    amp: Amp | None = None
 
     @property
     def root(self) -> Path:
@@ -315,12 +327,12 @@ def load_campaign(
     c = _Table(loader, top.get("campaign", dict, required=True), "[campaign]")
     c.no_unknown({
         "name", "template", "text_template", "fallback_template", "subject", "preheader", "from", "headers",
-        "render_deadline",
+        "render_deadline", "amp_template", "amp_key_env", "amp_token_ttl",
     })  # fmt: skip
     template = loader.file(c, "template", required=True)
     assert template is not None
     root = path.parent
-    for key in ("template", "text_template", "fallback_template"):
+    for key in ("template", "text_template", "fallback_template", "amp_template"):
         p = loader.file(c, key, required=False)
         if p is not None and not p.is_relative_to(root):
             raise loader.error("[campaign]", key, f"must be inside the campaign folder {root}")
@@ -354,6 +366,23 @@ def load_campaign(
         recipients=recipients_config,
         sources=sources,
         render_deadline=c.number("render_deadline", DEFAULT_RENDER_DEADLINE, above=True),
+        amp=_load_amp(loader, c),
+    )
+
+
+def _load_amp(loader: _Loader, c: _Table) -> Amp | None:
+    template = loader.file(c, "amp_template", required=False)
+    if template is None:
+        for key in ("amp_key_env", "amp_token_ttl"):
+            if key in c.data:
+                raise loader.error("[campaign]", key, "needs amp_template")
+        return None
+    key_env = c.get("amp_key_env", str)
+    return Amp(
+        template=template,
+        key_env=key_env,
+        key=c.env("amp_key_env", required=False).encode(),
+        token_ttl=c.number("amp_token_ttl", Amp.token_ttl, above=True),
     )
 
 

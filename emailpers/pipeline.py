@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from emailpers import amp
 from emailpers.batching import Batcher
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
@@ -157,6 +158,7 @@ class Run:
         self.manifest: Manifest | None = None
         self.render_queue: Batcher[Job, Served] | None = None
         self.counts: dict[str, int] = {}
+        self.amp_counts: dict[str, int] = {}  # AMP parts sent, dropped, unvalidated
         self.fatal: BaseException | None = None
         self.guard = HealthGuard(options.max_error_rate)
         self.fetcher_stats: dict[str, SourceStats] = {}
@@ -245,6 +247,7 @@ class Run:
             stopped=str(error) if isinstance(error, EmailpersError) else None,
             warm=self.job is None,
             warnings=self.preflight.warnings,
+            amp=self.amp_counts if self.campaign.amp else None,
         )
 
     def _pool(self) -> RenderPool | None:
@@ -252,7 +255,9 @@ class Run:
         if workers <= 0 or self.job is None:
             return None
         # Workers get the campaign without its sources: they never see a secret.
-        return RenderPool(workers, init_worker, (replace(self.campaign, sources={}), self.options.out, self.options.formats))
+        # Nor the AMP link key: links are signed here, in _serve.
+        campaign = replace(self.campaign, sources={}, amp=self.campaign.amp and replace(self.campaign.amp, key=b""))
+        return RenderPool(workers, init_worker, (campaign, self.options.out, self.options.formats))
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -390,7 +395,7 @@ class Run:
             reason = "; ".join(f"required source {n} unavailable: {failures[n]}" for n in required)
             self._record(row, "skipped", fetched=fetched, error=reason)
             return
-        job: Job = (row.id, row.email, row.fields, data, failures)
+        job: Job = (row.id, row.email, row.fields, data, failures, amp.link_for(self.campaign, row.id, time.time()))
         if self.render_queue is None:
             served = self.job(*job)
         else:
@@ -434,10 +439,13 @@ class Run:
             "fallback_blocks": served.fallback_blocks if served else [],
             "files": served.files if served else [],
             "error": served.error if served else error,
+            **(served.amp if served and served.amp else {}),
         }
         if self.manifest is not None:
             self.manifest.add(entry)
         self.counts[status] = self.counts.get(status, 0) + 1
+        if "amp" in entry:
+            self.amp_counts[entry["amp"]] = self.amp_counts.get(entry["amp"], 0) + 1
         for name, result in (fetched or {}).items():
             self.source_recipients[name] = self.source_recipients.get(name, 0) + 1
             if not result.ok:
@@ -478,6 +486,8 @@ def _secrets(campaign: Campaign) -> list[str]:
             value = getattr(source.auth, f.name)
             # secret_token_params: (name, value) pairs
             found += [v for _, v in value] if isinstance(value, tuple) else [value]
+    if campaign.amp is not None and campaign.amp.key:
+        found.append(campaign.amp.key.decode())
     return found
 
 

@@ -57,6 +57,7 @@ def build_report(
     stopped: str | None = None,
     warnings: Sequence[str] = (),
     warm: bool = False,
+    amp: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """`counts` are this run's, `previous` the manifest's before it;
     `source_failures` gives per source (recipients it gave no data, recipients
@@ -83,6 +84,7 @@ def build_report(
         "recipients_per_s": round(done / elapsed, 1) if elapsed > 0 else None,
         "stopped": stopped,
         "warnings": list(warnings),
+        **({} if amp is None else {"amp": {k: amp.get(k, 0) for k in ("sent", "dropped", "unvalidated")}}),
     }
 
 
@@ -103,6 +105,9 @@ def summary(report: dict[str, Any]) -> str:
         if report["resumed_from_previous_runs"]:
             lines.append(f"  resumed: {report['resumed_from_previous_runs']} already done by an earlier run")
         lines.append("  " + "  ".join(f"{s} {n}" for s, n in total.items()) + "   (manifest total)")
+    if "amp" in report:
+        lines.append("  AMP parts this run: " + "  ".join(f"{k} {n}" for k, n in report["amp"].items())
+                     + "   (dropped: see \"amp_errors\" in the manifest)")
     for name, s in report["sources"].items():
         lat = s["latency_ms"]
         extras = [

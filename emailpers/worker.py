@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emailpers.amp import AmpLink
 from emailpers.campaign import Campaign
 from emailpers.errors import OutputError, RenderFailed
 from emailpers.output import Envelope, write_message
 from emailpers.processes import bind_to_parent
 from emailpers.render import Renderer
 
-Job = tuple[str, str, dict[str, Any], dict[str, Any], dict[str, str]]  # the arguments of RenderJob
+Job = tuple[str, str, dict[str, Any], dict[str, Any], dict[str, str], AmpLink | None]  # the arguments of RenderJob
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Served:
     fallback_blocks: list[dict[str, Any]]
     files: list[str]
     error: str | None
+    amp: dict[str, Any] | None = None  # the AMP part's outcome, for the manifest line
 
 
 class RenderJob:
@@ -36,9 +38,17 @@ class RenderJob:
         self.out = out
         self.formats = formats
 
-    def __call__(self, rid: str, to: str, fields: dict[str, Any], data: dict[str, Any], failures: dict[str, str]) -> Served:
+    def __call__(
+        self,
+        rid: str,
+        to: str,
+        fields: dict[str, Any],
+        data: dict[str, Any],
+        failures: dict[str, str],
+        amp_link: AmpLink | None = None,
+    ) -> Served:
         try:
-            message = self.renderer.render(fields, data, failures)
+            message = self.renderer.render(fields, data, failures, amp_link)
             files = write_message(self.out, rid, to, message, self.formats, self.envelope)
         except RenderFailed as exc:
             return Served("failed", [], [], str(exc))
@@ -47,7 +57,7 @@ class RenderJob:
         except Exception as exc:  # noqa: BLE001 - one recipient must never stop the run
             return Served("failed", [], [], f"unexpected error while rendering: {type(exc).__name__}: {exc}")
         fell_back = message.used_fallback_template or bool(message.fallback_blocks)
-        return Served("fallback" if fell_back else "rendered", message.fallback_blocks, files, None)
+        return Served("fallback" if fell_back else "rendered", message.fallback_blocks, files, None, message.amp_outcome)
 
 
 _job: RenderJob | None = None
