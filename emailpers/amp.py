@@ -15,6 +15,8 @@ Loading takes ~1.5 s once per process; a validation ~2-10 ms.
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -141,6 +143,12 @@ class Validator:
             raise ValidatorUnavailable(f"{path} is not the AMP validator (validator_wasm.js)")
         ready.get(timeout=60)
         self._validate = validate
+        # V8 left to the interpreter's finalization can hang the process at
+        # exit (sys.exit with a validator loaded did, every time): close it first.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        self._ctx.close()
 
     def errors(self, document: str) -> list[AmpError]:
         """The validator's errors for an AMP4EMAIL document; empty when it passes."""
@@ -167,7 +175,10 @@ def check_available() -> Path:
 def validator(path: Path) -> Validator:
     """One validator per process and file: loading costs over a second."""
     if path not in _loaded:
-        _loaded[path] = Validator(path)
+        # In a thread of its own: mini-racer refuses to wait for the init
+        # promise in a thread running an event loop (--workers 0 renders there).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            _loaded[path] = pool.submit(Validator, path).result()
     return _loaded[path]
 
 
@@ -217,10 +228,11 @@ def cors_headers(headers: Mapping[str, str], query: str, sender: str) -> dict[st
     Version 2 (Gmail, Yahoo, Mail.ru today): the client sends `AMP-Email-Sender`,
     the answer names it in `AMP-Email-Allow-Sender`. Version 1: `Origin` plus
     `__amp_source_origin` (the sender's address) in the query, echoed back."""
-    email_sender = headers.get("AMP-Email-Sender")
+    headers = {name.lower(): value for name, value in headers.items()}  # header names have no case
+    email_sender = headers.get("amp-email-sender")
     if email_sender is not None:
         return {"AMP-Email-Allow-Sender": sender} if email_sender.lower() == sender.lower() else None
-    origin = headers.get("Origin")
+    origin = headers.get("origin")
     source = dict(parse_qsl(query)).get("__amp_source_origin")
     if origin and source is not None and source.lower() == sender.lower():
         return {
