@@ -12,7 +12,7 @@ from conftest import render, source, write_campaign
 from emailpers.campaign import DEFAULT_TIMEOUT, load_campaign
 from emailpers.errors import CampaignError
 
-CAMPAIGN_KEYS = "fallback_template, from, headers, name, preheader, render_deadline, subject, template, text_template"
+CAMPAIGN_KEYS = "amp_key_env, amp_template, amp_token_ttl, fallback_template, from, headers, name, preheader, render_deadline, subject, template, text_template"
 
 
 def line_of(path: Path, text: str) -> int:
