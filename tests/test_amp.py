@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import ScriptedAPI, eml_of, invoke, manifest, render, report, source, write_campaign
+from render_processes import Started, kill_all, people, render_processes, wait_mid_run
 
 from emailpers import amp
 from emailpers.demo import DEMO_AMP_KEY, DEMO_CAMPAIGN, DEMO_SENDER, SampleAPI
@@ -356,3 +357,38 @@ def test_fetch_validator_needs_npm(tmp_path: Path) -> None:
     with pytest.raises(amp.ValidatorUnavailable, match="needs npm"):
         amp.fetch_validator(tmp_path / "v.js", npm=str(tmp_path / "no-npm"))
     assert not os.path.exists(tmp_path / "v.js")
+
+
+def test_render_processes_never_hold_the_link_key(tmp_path: Path, api: ScriptedAPI) -> None:
+    """Links are signed in the main process: the key is out of the render processes' environment."""
+    behaviour = api.serve("/users/*", {"products": ["mug"]}, delay=0.2)
+    rows = people(12)
+    campaign = write_campaign(
+        tmp_path / "c",
+        sources={"shop": source(api.url + "/users/{{ id }}/cart")},
+        recipients=rows,
+        files={"cart.amp.html.j2": SAMPLE},
+        campaign={"amp_template": "cart.amp.html.j2", "amp_key_env": "AMP_LINK_KEY"},
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "emailpers", "render", str(campaign), "--out", str(out), "--workers", "2",
+               "--concurrency", "4", "--no-progress", "--amp-unvalidated"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "AMP_LINK_KEY": KEY})  # fmt: skip
+    started = Started(process, behaviour, [r["id"] for r in rows], campaign, out)
+    children = []
+    try:
+        children = wait_mid_run(started, 2)
+        environments = [" ".join(f"{k}={v}" for k, v in p.environ().items()) for p in render_processes(process.pid)]
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        kill_all(children)
+    assert process.returncode == 0, stderr.decode()
+    assert environments and all(KEY not in environment for environment in environments)
+    entries = manifest(out)
+    for rid, entry in entries.items():
+        document = amp_part(eml_of(out, entry))
+        src = re.search(r'src="(https://api\.shop\.example/amp/cart\?[^"]+)"', document)
+        assert src is not None
+        assert amp.verify_request(KEY.encode(), urlsplit(src.group(1).replace("&amp;", "&")).query) == rid
