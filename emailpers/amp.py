@@ -136,13 +136,20 @@ class Validator:
             ) from None
         self.path = path
         self._ctx = MiniRacer()
-        self._ctx.eval(path.read_text(encoding="utf-8"))
-        ready = self._ctx.eval("amp.validator.init()")  # compiles the WebAssembly
-        validate = self._ctx.eval(_VALIDATE)
-        if not isinstance(ready, JSPromise) or not isinstance(validate, JSFunction):
-            raise ValidatorUnavailable(f"{path} is not the AMP validator (validator_wasm.js)")
-        ready.get(timeout=60)
-        self._validate = validate
+        try:
+            self._ctx.eval(path.read_text(encoding="utf-8"))
+            ready = self._ctx.eval("amp.validator.init()")  # compiles the WebAssembly
+            validate = self._ctx.eval(_VALIDATE)
+            if not isinstance(ready, JSPromise) or not isinstance(validate, JSFunction):
+                raise ValueError("amp.validator.init and validateString are not there")
+            ready.get(timeout=60)
+            self._validate = validate
+        except Exception as exc:  # noqa: BLE001 - any failure here means the same: not a usable validator
+            self._ctx.close()
+            raise ValidatorUnavailable(
+                f"{path} is not a working AMP validator (validator_wasm.js): {type(exc).__name__}: {str(exc)[:200]}; "
+                "run `emailpers amp fetch-validator`"
+            ) from None
         # V8 left to the interpreter's finalization can hang the process at
         # exit (sys.exit with a validator loaded did, every time): close it first.
         atexit.register(self.close)
@@ -163,7 +170,7 @@ _loaded: dict[Path, Validator] = {}
 
 
 def check_available() -> Path:
-    """What `Validator` will need, checked without the 1.5 s load: the file and mini-racer."""
+    """What `Validator` will need, without loading it: the file and mini-racer."""
     path = find_validator()
     try:
         import py_mini_racer  # noqa: F401

@@ -177,14 +177,17 @@ class Renderer:
         self.preheader = self._compile("preheader", campaign.preheader) if campaign.preheader else None
         self.headers = {k: self._compile(f"headers.{k}", v) for k, v in campaign.headers.items()}
         self.amp_template = self._load(self.html_env, campaign.amp.template) if campaign.amp else None
-        # Found now (cheap, loud and early); loaded at the first recipient, in the process that renders.
         self.amp_validator = self._amp_validator()
 
     def _amp_validator(self) -> Path | None:
         if self.campaign.amp is None or not self.campaign.amp.validate:
             return None
         try:
-            return amp.check_available()
+            # Loaded here, once per process (0.5-1.5 s): a file that is not a
+            # working validator stops the run before the first request.
+            path = amp.check_available()
+            amp.validator(path)
+            return path
         except amp.ValidatorUnavailable as exc:
             where = campaign_key_where(self.campaign.path, "amp_template")
             raise amp.ValidatorUnavailable(f"{where}: {exc}; or render with --amp-unvalidated") from None

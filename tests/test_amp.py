@@ -392,3 +392,19 @@ def test_render_processes_never_hold_the_link_key(tmp_path: Path, api: ScriptedA
         src = re.search(r'src="(https://api\.shop\.example/amp/cart\?[^"]+)"', document)
         assert src is not None
         assert amp.verify_request(KEY.encode(), urlsplit(src.group(1).replace("&amp;", "&")).query) == rid
+
+
+@pytest.mark.skipif(VALIDATOR is None, reason="needs mini-racer: pip install -e '.[amp]'")
+def test_a_file_that_is_not_the_validator_stops_the_run_before_it_starts(
+    tmp_path: Path, api: ScriptedAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "validator_wasm.js"
+    fake.write_text("var amp = {};\n", encoding="utf-8")
+    monkeypatch.setenv(amp.VALIDATOR_ENV, str(fake))
+    campaign = amp_campaign(tmp_path / "c", api)
+
+    result = render(campaign, tmp_path / "out")
+
+    assert result.exit_code == 1
+    assert f"{fake} is not a working AMP validator" in result.stderr
+    assert api.count() == 0 and not (tmp_path / "out").exists()
