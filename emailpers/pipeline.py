@@ -247,7 +247,7 @@ class Run:
             stopped=str(error) if isinstance(error, EmailpersError) else None,
             warm=self.job is None,
             warnings=self.preflight.warnings,
-            amp=self.amp_counts if self.campaign.amp else None,
+            amp=(self.amp_counts, done.amp) if self.campaign.amp else None,
         )
 
     def _pool(self) -> RenderPool | None:

@@ -57,11 +57,12 @@ def build_report(
     stopped: str | None = None,
     warnings: Sequence[str] = (),
     warm: bool = False,
-    amp: dict[str, int] | None = None,
+    amp: tuple[dict[str, int], dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """`counts` are this run's, `previous` the manifest's before it;
     `source_failures` gives per source (recipients it gave no data, recipients
-    it was asked for) over the whole manifest."""
+    it was asked for) over the whole manifest; `amp`, AMP parts by outcome
+    (this run's, the manifest's before it)."""
     done = sum(counts.values())
     known = WARM_STATUSES if warm else STATUSES
     statuses = [*known, *(s for s in {**previous, **counts} if s not in known)]
@@ -84,7 +85,15 @@ def build_report(
         "recipients_per_s": round(done / elapsed, 1) if elapsed > 0 else None,
         "stopped": stopped,
         "warnings": list(warnings),
-        **({} if amp is None else {"amp": {k: amp.get(k, 0) for k in ("sent", "dropped", "unvalidated")}}),
+        **({} if amp is None else {"amp": _amp_counts(*amp)}),
+    }
+
+
+def _amp_counts(this_run: dict[str, int], previous: dict[str, int]) -> dict[str, dict[str, int]]:
+    outcomes = ("sent", "dropped", "unvalidated")
+    return {
+        "this_run": {k: this_run.get(k, 0) for k in outcomes},
+        "total": {k: this_run.get(k, 0) + previous.get(k, 0) for k in outcomes},
     }
 
 
@@ -106,8 +115,8 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"  resumed: {report['resumed_from_previous_runs']} already done by an earlier run")
         lines.append("  " + "  ".join(f"{s} {n}" for s, n in total.items()) + "   (manifest total)")
     if "amp" in report:
-        lines.append("  AMP parts this run: " + "  ".join(f"{k} {n}" for k, n in report["amp"].items())
-                     + "   (dropped: see \"amp_errors\" in the manifest)")
+        lines.append("  AMP parts: " + "  ".join(f"{k} {n}" for k, n in report["amp"]["total"].items())
+                     + "   (manifest total; dropped: see \"amp_errors\" in the manifest)")
     for name, s in report["sources"].items():
         lat = s["latency_ms"]
         extras = [

@@ -148,8 +148,8 @@ def test_the_sample_amp_template_passes_and_sits_between_text_and_html(tmp_path:
     result = render(campaign, tmp_path / "out")
 
     assert result.exit_code == 0, result.output
-    assert "AMP parts this run: sent 2  dropped 0  unvalidated 0" in result.stdout
-    assert report(tmp_path / "out")["amp"] == {"sent": 2, "dropped": 0, "unvalidated": 0}
+    assert "AMP parts: sent 2  dropped 0  unvalidated 0   (manifest total" in result.stdout
+    assert report(tmp_path / "out")["amp"]["this_run"] == {"sent": 2, "dropped": 0, "unvalidated": 0}
     entries = manifest(tmp_path / "out")
     for person in PEOPLE:
         entry = entries[person["id"]]
@@ -192,7 +192,7 @@ def test_a_part_the_validator_refuses_is_dropped_with_its_code(tmp_path: Path, a
     result = render(campaign, tmp_path / "out")
 
     assert result.exit_code == 0, result.output
-    assert report(tmp_path / "out")["amp"] == {"sent": 0, "dropped": 2, "unvalidated": 0}
+    assert report(tmp_path / "out")["amp"]["total"] == {"sent": 0, "dropped": 2, "unvalidated": 0}
     for entry in manifest(tmp_path / "out").values():
         assert (entry["status"], entry["amp"]) == ("rendered", "dropped")
         first = entry["amp_errors"][0]
@@ -272,7 +272,7 @@ def test_without_a_validator_render_refuses_unless_amp_unvalidated(
     result = render(campaign, tmp_path / "out", "--amp-unvalidated")
 
     assert result.exit_code == 0, result.output
-    assert "AMP parts this run: sent 0  dropped 0  unvalidated 2" in result.stdout
+    assert "AMP parts: sent 0  dropped 0  unvalidated 2" in result.stdout
     entry = manifest(tmp_path / "out")["r1"]
     assert entry["amp"] == "unvalidated"
     assert content_types(eml_of(tmp_path / "out", entry)) == ["text/plain", "text/x-amp-html", "text/html"]
@@ -408,3 +408,20 @@ def test_a_file_that_is_not_the_validator_stops_the_run_before_it_starts(
     assert result.exit_code == 1
     assert f"{fake} is not a working AMP validator" in result.stderr
     assert api.count() == 0 and not (tmp_path / "out").exists()
+
+
+def test_amp_counts_add_up_over_a_resumed_run(tmp_path: Path, api: ScriptedAPI) -> None:
+    campaign = amp_campaign(tmp_path / "c", api)
+    assert render(campaign, tmp_path / "out", "--amp-unvalidated").exit_code == 0
+    api.serve("/shop/r3", {"products": []})
+    with (tmp_path / "c" / "recipients.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "r3", "email": "r3@example.com", "first_name": "Cy"}) + "\n")
+
+    result = render(campaign, tmp_path / "out", "--amp-unvalidated")
+
+    assert result.exit_code == 0, result.output
+    assert report(tmp_path / "out")["amp"] == {
+        "this_run": {"sent": 0, "dropped": 0, "unvalidated": 1},
+        "total": {"sent": 0, "dropped": 0, "unvalidated": 3},
+    }
+    assert "AMP parts: sent 0  dropped 0  unvalidated 3   (manifest total" in result.stdout
