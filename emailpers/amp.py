@@ -43,7 +43,6 @@ VALIDATOR_SHA256 = "f1f4629ab36f555f5a9937a5cf00f0ef780bf025883c035d06389b151c89
 # 200,000 bytes (not 204,800); Gmail falls back to the HTML part above it.
 MAX_AMP_BYTES = 200_000
 MAX_ERRORS = 5  # errors kept in a manifest line: the first ones say what to fix
-DEFAULT_AMP_TOKEN_TTL = 30 * 24 * 3600  # Gmail shows the AMP part for 30 days after the send
 
 # Query parameters of an open-time link: recipient, campaign, token.
 PARAMS = ("r", "c", "t")
