@@ -150,6 +150,17 @@ class Dkim:
 
 
 @dataclass(frozen=True)
+class Amp:
+    """[campaign] amp_template and its link key (AMP for Email, see amp.py)."""
+
+    template: Path
+    key_env: str | None = None  # the variable holding the key of amp_url's tokens
+    key: bytes = field(default=b"", repr=False)  # its value: main process only
+    token_ttl: float = 30 * 24 * 3600.0  # seconds an amp_url stays valid; Gmail shows AMP for 30 days
+    validate: bool = True  # False: --amp-unvalidated
+
+
+@dataclass(frozen=True)
 class Campaign:
     path: Path  # the TOML file
     name: str
@@ -165,6 +176,7 @@ class Campaign:
     render_deadline: float = DEFAULT_RENDER_DEADLINE
     unsubscribe: Unsubscribe | None = None
     dkim: Dkim | None = None
+    amp: Amp | None = None
 
     @property
     def root(self) -> Path:
@@ -344,12 +356,12 @@ def load_campaign(
     c = _Table(loader, top.get("campaign", dict, required=True), "[campaign]")
     c.no_unknown({
         "name", "template", "text_template", "fallback_template", "subject", "preheader", "from", "headers",
-        "render_deadline", "unsubscribe",
+        "render_deadline", "unsubscribe", "amp_template", "amp_key_env", "amp_token_ttl",
     })  # fmt: skip
     template = loader.file(c, "template", required=True)
     assert template is not None
     root = path.parent
-    for key in ("template", "text_template", "fallback_template"):
+    for key in ("template", "text_template", "fallback_template", "amp_template"):
         p = loader.file(c, key, required=False)
         if p is not None and not p.is_relative_to(root):
             raise loader.error("[campaign]", key, f"must be inside the campaign folder {root}")
@@ -385,6 +397,23 @@ def load_campaign(
         render_deadline=c.number("render_deadline", DEFAULT_RENDER_DEADLINE, above=True),
         unsubscribe=_load_unsubscribe(loader, c),
         dkim=_load_dkim(loader, _Table(loader, top.get("send", dict, {}), "[send]")),
+        amp=_load_amp(loader, c),
+    )
+
+
+def _load_amp(loader: _Loader, c: _Table) -> Amp | None:
+    template = loader.file(c, "amp_template", required=False)
+    if template is None:
+        for key in ("amp_key_env", "amp_token_ttl"):
+            if key in c.data:
+                raise loader.error("[campaign]", key, "needs amp_template")
+        return None
+    key_env = c.get("amp_key_env", str)
+    return Amp(
+        template=template,
+        key_env=key_env,
+        key=c.env("amp_key_env", required=False).encode(),
+        token_ttl=c.number("amp_token_ttl", Amp.token_ttl, above=True),
     )
 
 

@@ -18,7 +18,7 @@ from emailpers.campaign import Campaign
 from emailpers.errors import CampaignError
 from emailpers.render import Parsed, Renderer, toml_where
 
-BUILTINS = frozenset({"recipient", "preheader"})  # what Renderer.render adds to the context
+BUILTINS = frozenset({"recipient", "preheader", "amp_url"})  # what Renderer.render adds (amp_url: amp_template only)
 
 
 def check_campaign(campaign: Campaign, columns: Iterable[str], renderer: Renderer | None) -> None:

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -223,6 +224,8 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
                    "their lines and files are replaced.")
 @click.option("--max-failures", type=click.IntRange(1), metavar="N",
               help="Stop (exit 3) once N recipients failed in this run.")
+@click.option("--amp-unvalidated", is_flag=True,
+              help="Send the amp_template's AMP part without the AMP validator (the manifest says so).")
 def render(
     campaign_file: Path,
     out: Path,
@@ -238,6 +241,7 @@ def render(
     fresh: bool,
     redo: frozenset[str],
     max_failures: int | None,
+    amp_unvalidated: bool,
 ) -> None:
     """Render CAMPAIGN (a .toml file) for every recipient into --out.
 
@@ -251,6 +255,8 @@ def render(
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
         # Offline, nothing is sent: the API secrets are not needed.
         campaign = load_campaign(campaign_file, path, recipients_label=label, need_secrets=not offline)
+        if amp_unvalidated and campaign.amp is not None:
+            campaign = replace(campaign, amp=replace(campaign.amp, validate=False))
         options = RunOptions(
             out=out,
             formats=formats,
@@ -438,6 +444,32 @@ def demo(out: Path) -> None:
             click.echo(f"\n== {title} -> {folder}")
             click.echo(summary(report))
     click.echo(f"\nOpen {out}/messages/*.eml in a mail client, or read {out}/manifest.jsonl.")
+
+
+@cli.group("amp")
+def amp_group() -> None:
+    """AMP for Email: the AMP validator that checks every amp_template part."""
+
+
+@amp_group.command("fetch-validator")
+@click.option("--to", "dest", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write validator_wasm.js [default: the cache, see `emailpers amp where`].")
+def amp_fetch_validator(dest: Path | None) -> None:
+    """Download the AMP validator (validator_wasm.js) with npm and check its SHA-256."""
+    from emailpers.amp import VALIDATOR_PACKAGE, fetch_validator
+
+    with _errors():
+        path = fetch_validator(dest)
+    click.echo(f"AMP validator from {VALIDATOR_PACKAGE} written to {path}")
+
+
+@amp_group.command("where")
+def amp_where() -> None:
+    """Print the AMP validator file render would use (exit 1 when there is none)."""
+    from emailpers.amp import check_available
+
+    with _errors():
+        click.echo(check_available())
 
 
 def main() -> None:

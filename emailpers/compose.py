@@ -29,7 +29,9 @@ class Composer:
 
     def __call__(self, request: RenderRequest) -> RenderResult:
         try:
-            message = self.renderer.render(request.fields, request.data, request.failures, request.unsubscribe_token)
+            message = self.renderer.render(
+                request.fields, request.data, request.failures, request.unsubscribe_token, request.amp_link
+            )
             files = write_message(self.out, request.id, request.email, message, self.formats, self.envelope)
         except RenderFailed as exc:
             return NotRendered(str(exc))
@@ -37,7 +39,7 @@ class Composer:
             raise  # the disk refused a message file: that stops the run, see write_message
         except Exception as exc:  # noqa: BLE001 - one recipient must never stop the run
             return NotRendered(f"unexpected error while rendering: {type(exc).__name__}: {exc}")
-        return Rendered(files, message.fallback_blocks, message.used_fallback_template)
+        return Rendered(files, message.fallback_blocks, message.used_fallback_template, message.amp_outcome)
 
 
 _composer: Composer | None = None

@@ -3,7 +3,8 @@ rendered against it, cold and then warm.
 
 The sample API serves `sample_data/api.json` with realistic latency and the
 deliberate failures listed there; it checks the credentials the campaign
-sends, so the demo exercises auth too.
+sends, so the demo exercises auth too. It also serves `/amp/cart`, the
+open-time endpoint an AMP part's `amp_url(...)` links point at (see amp.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from emailpers.amp import cors_headers, verify_request
 from emailpers.campaign import Campaign, load_campaign
 from emailpers.errors import CampaignError
 from emailpers.pipeline import RunOptions, render_campaign
@@ -27,6 +29,9 @@ from emailpers.report import Report
 
 DEMO_TOKEN = "demo-token-not-a-secret"
 DEMO_KEY = "demo-key-not-a-secret"
+DEMO_AMP_KEY = "demo-amp-key-not-a-secret"  # the sample campaign's amp_key_env value
+DEMO_SENDER = "news@shop.example"  # the sample campaign's From address: AMP answers only its emails
+DEMO_CAMPAIGN = "cart-reminder"
 _ROUTE = re.compile(r"^/v1/users/([^/]+)/(cart|loyalty)$")
 
 
@@ -84,6 +89,9 @@ class SampleAPI:
         self.server.server_close()
 
     def handle(self, request: BaseHTTPRequestHandler) -> None:
+        path, _, query = request.path.partition("?")
+        if path == "/amp/cart":
+            return self.amp_cart(request, query)
         match = _ROUTE.match(request.path)
         if match is None:
             return self._send(request, 404, {"error": "not found"})
@@ -108,10 +116,24 @@ class SampleAPI:
             body = {"user_id": user_id, "points": user["loyalty_points"], "tier": user["tier"]}
         self._send(request, 200, body)
 
-    def _send(self, request: BaseHTTPRequestHandler, status: int, body: Any) -> None:
+    def amp_cart(self, request: BaseHTTPRequestHandler, query: str) -> None:
+        """The open-time endpoint: the cart of the recipient the link was signed
+        for, as amp-list wants it ({"items": [...]}), with AMP for Email's CORS headers."""
+        cors = cors_headers(dict(request.headers.items()), query, DEMO_SENDER)
+        if cors is None:
+            return self._send(request, 403, {"error": f"only emails from {DEMO_SENDER}"})
+        user_id = verify_request(DEMO_AMP_KEY.encode(), query, campaign=DEMO_CAMPAIGN)
+        user = self.users.get(user_id or "")
+        if user is None:
+            return self._send(request, 403, {"error": "invalid or expired link"}, cors)
+        self._send(request, 200, {"items": [{"name": item} for item in user["cart_items"]]}, cors)
+
+    def _send(self, request: BaseHTTPRequestHandler, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         try:
             request.send_response(status)
+            for name, value in (headers or {}).items():
+                request.send_header(name, value)
             request.send_header("Content-Type", "application/json")
             request.send_header("Content-Length", str(len(data)))
             request.end_headers()

@@ -76,10 +76,13 @@ class Done:
     # per source: recipients it was asked for, and those it gave no data
     source_recipients: dict[str, int] = field(default_factory=dict)
     source_failures: dict[str, int] = field(default_factory=dict)
+    amp: dict[str, int] = field(default_factory=dict)  # AMP parts sent, dropped, unvalidated
 
     def add(self, entry: dict[str, Any]) -> None:
         status = entry["status"]
         self.counts[status] = self.counts.get(status, 0) + 1
+        if isinstance(entry.get("amp"), str):
+            self.amp[entry["amp"]] = self.amp.get(entry["amp"], 0) + 1
         if by_row(status):
             self.invalid_rows.add(entry.get("row", -1))
         else:

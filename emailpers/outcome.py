@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:
+    from emailpers.amp import AmpLink
     from emailpers.recipients import Row
 
 Status = Literal["rendered", "fallback", "skipped", "invalid", "failed", "warmed"]
@@ -97,6 +98,7 @@ class RenderRequest:
     failures: dict[str, str]  # per source that did not: why
     # signed in the main process: the signing key never reaches a render process
     unsubscribe_token: str | None = None
+    amp_link: AmpLink | None = None  # likewise: the AMP part's open-time link token
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class Rendered:
     files: list[str]
     fallback_blocks: list[dict[str, Any]] = field(default_factory=list)
     fallback_template: bool = False  # the campaign's fallback template replaced the whole email
+    amp: Mapping[str, Any] | None = None  # the AMP part's outcome for the manifest line (amp, amp_errors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,7 @@ class Outcome:
     fallback_blocks: list[dict[str, Any]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     error: str | None = None
+    amp: Mapping[str, Any] | None = None  # "amp": sent | dropped | unvalidated, and "amp_errors"
 
     @property
     def failed(self) -> bool:
@@ -156,6 +160,7 @@ class Outcome:
             "fallback_blocks": self.fallback_blocks,
             "files": self.files,
             "error": self.error,
+            **(self.amp or {}),
         }
 
 
@@ -211,4 +216,6 @@ def decide(
     if isinstance(render, NotRendered):
         return outcome("failed", render.error)
     fell_back = render.fallback_template or bool(render.fallback_blocks)
-    return outcome("fallback" if fell_back else "rendered", files=render.files, fallback_blocks=render.fallback_blocks)
+    return outcome(
+        "fallback" if fell_back else "rendered", files=render.files, fallback_blocks=render.fallback_blocks, amp=render.amp
+    )

@@ -105,12 +105,12 @@ def _text_part(body: str) -> str:
     return _part("text/plain", "quoted-printable", encoded)
 
 
-def _html_part(body: str) -> str:
+def _html_part(body: str, content_type: str = "text/html") -> str:
     """text/html as base64: 0.01 ms for an 8 KB part where quoted-printable
     took 0.07 ms, 13% of a warm render process; MJML's output has lines of
     thousands of characters, so 8bit (998 at most) is not an option."""
     encoded = base64.encodebytes(body.encode()).decode("ascii").replace("\n", CRLF)
-    return _part("text/html", "base64", encoded)
+    return _part(content_type, "base64", encoded)
 
 
 def _part(content_type: str, encoding: str, encoded: str) -> str:
@@ -122,6 +122,8 @@ def _part(content_type: str, encoding: str, encoded: str) -> str:
 
 def build_eml(message: Email, to: str, envelope: Envelope) -> bytes:
     """multipart/alternative, text/plain then text/html, UTF-8, CRLF line endings.
+    An AMP part goes between them (text/x-amp-html): clients show the last
+    part they understand, so the HTML must stay last for those without AMP.
 
     Written directly rather than through email.message: the stdlib's generator
     cost 1.1 ms a message here (EmailMessage 2-3 ms), more than Jinja and MJML
@@ -142,7 +144,8 @@ def build_eml(message: Email, to: str, envelope: Envelope) -> bytes:
         f"{head}{CRLF}"
         f'Content-Type: multipart/alternative; boundary="{boundary}"{CRLF}{CRLF}'
         f"--{boundary}{CRLF}{_text_part(message.text)}{CRLF}"
-        f"--{boundary}{CRLF}{_html_part(message.html)}{CRLF}"
+        + (f"--{boundary}{CRLF}{_html_part(message.amp, 'text/x-amp-html')}{CRLF}" if message.amp else "")
+        + f"--{boundary}{CRLF}{_html_part(message.html)}{CRLF}"
         f"--{boundary}--{CRLF}"
     ).encode("ascii")
 

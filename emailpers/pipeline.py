@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from emailpers import amp
 from emailpers.batching import Batcher
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
@@ -235,6 +236,7 @@ class Run:
             stop_code=stopped.exit_code if stopped else None,
             warm=self.job is None,
             warnings=self.preflight.warnings,
+            amp=(self.tally.amp, done.amp) if self.campaign.amp else None,
         )
 
     def _pool(self) -> RenderPool | None:
@@ -242,11 +244,14 @@ class Run:
         if workers <= 0 or self.job is None:
             return None
         # Workers get the campaign without its sources: they never see a secret.
-        # Render processes get the campaign without its secrets: no sources (credentials), and no
-        # unsubscribe signing key (the main process signs each recipient's token).
-        unsubscribe = self.campaign.unsubscribe
+        # Render processes get the campaign without its secrets: no sources (credentials), no
+        # unsubscribe signing key and no AMP link key (the main process signs each recipient's tokens).
+        unsubscribe, amp_config = self.campaign.unsubscribe, self.campaign.amp
         campaign = replace(
-            self.campaign, sources={}, unsubscribe=replace(unsubscribe, key=b"") if unsubscribe else None
+            self.campaign,
+            sources={},
+            unsubscribe=replace(unsubscribe, key=b"") if unsubscribe else None,
+            amp=replace(amp_config, key=b"") if amp_config else None,
         )
         return RenderPool(workers, init_process, (campaign, self.options.out, self.options.formats))
 
@@ -391,7 +396,8 @@ class Run:
         failures = {name: r.reason for name, r in results.items() if not r.ok}
         unsubscribe = self.campaign.unsubscribe
         token = unsubscribe_token(unsubscribe, self.campaign.name, row.id, row.email) if unsubscribe else None
-        request = RenderRequest(row.id, row.email, row.fields, data, failures, token)
+        link = amp.link_for(self.campaign, row.id, self.timing.wall_clock())
+        request = RenderRequest(row.id, row.email, row.fields, data, failures, token, link)
         if self.render_queue is None:
             rendered = self.job(request)
         else:
@@ -450,6 +456,8 @@ def _secrets(campaign: Campaign) -> list[str]:
             found += [v for _, v in value] if isinstance(value, tuple) else [value]
     if campaign.unsubscribe is not None:
         found.append(campaign.unsubscribe.key.decode(errors="replace"))
+    if campaign.amp is not None and campaign.amp.key:
+        found.append(campaign.amp.key.decode(errors="replace"))
     return found
 
 

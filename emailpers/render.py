@@ -23,6 +23,7 @@ from jinja2.ext import Extension
 from jinja2.parser import Parser
 from mjml import mjml2html
 
+from emailpers import amp
 from emailpers.campaign import Campaign
 from emailpers.errors import CampaignError, RenderFailed
 from emailpers.sandbox import (
@@ -125,6 +126,8 @@ class Email:
     headers: dict[str, str]
     fallback_blocks: list[dict[str, Any]]
     used_fallback_template: bool
+    amp: str | None = None  # the validated AMP4EMAIL part, None when there is none to send
+    amp_outcome: dict[str, Any] | None = None  # for the manifest: {"amp": "sent" | "dropped" | "unvalidated", ...}
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,21 @@ class Renderer:
         self.subject = self._compile("subject", campaign.subject)
         self.preheader = self._compile("preheader", campaign.preheader) if campaign.preheader else None
         self.headers = {k: self._compile(f"headers.{k}", v) for k, v in campaign.headers.items()}
+        self.amp_template = self._load(self.html_env, campaign.amp.template) if campaign.amp else None
+        self.amp_validator = self._amp_validator()
+
+    def _amp_validator(self) -> Path | None:
+        if self.campaign.amp is None or not self.campaign.amp.validate:
+            return None
+        try:
+            # Loaded here, once per process (0.5-1.5 s): a file that is not a
+            # working validator stops the run before the first request.
+            path = amp.check_available()
+            amp.validator(path)
+            return path
+        except amp.ValidatorUnavailable as exc:
+            where = campaign_key_where(self.campaign.path, "amp_template")
+            raise amp.ValidatorUnavailable(f"{where}: {exc}; or render with --amp-unvalidated") from None
 
     @property
     def template_files(self) -> set[Path]:
@@ -222,11 +240,17 @@ class Renderer:
             raise CampaignError(f"{campaign_key_where(self.campaign.path, key)}: template syntax error: {exc.message}") from None
 
     def render(
-        self, fields: dict[str, Any], data: dict[str, Any], failures: dict[str, str], unsubscribe_token: str | None = None
+        self,
+        fields: dict[str, Any],
+        data: dict[str, Any],
+        failures: dict[str, str],
+        unsubscribe_token: str | None = None,
+        amp_link: amp.AmpLink | None = None,
     ) -> Email:
         """Render one email. `data` holds each delivered source's JSON, `failures`
         says why each other source has none. A null or blank field or answer is
-        missing. Raises RenderFailed."""
+        missing. `amp_link` signs the AMP template's `amp_url(...)` links.
+        Raises RenderFailed; an AMP part that fails is dropped, not the email."""
         failures = {**failures, **{name: "the answer is empty (null)" for name, v in data.items() if is_blank(v)}}
         context: dict[str, Any] = {
             k: self.html_env.undefined(hint=f"{k!r} is empty (null or blank)", name=k) if is_blank(v) else v
@@ -245,6 +269,7 @@ class Renderer:
             # failed allocation instead of raising.
             with budget(failures, self.deadline, self.clock) as state, memory_cap():
                 out = self._jinja(context, state)
+                amp_doc, amp_outcome = self._amp(context, amp_link)
         except RenderLimitExceeded as exc:
             raise RenderFailed(str(exc)) from None
         except MemoryError:
@@ -260,7 +285,35 @@ class Renderer:
             html = _insert_preheader(html, _CONTROL.sub("", out.preheader))
         text = html_to_text(html) if out.text is None else out.text
         headers = {**out.headers, **extra_headers}
-        return Email(out.subject, html, text, headers, state.fallback_blocks, out.used_fallback_template)
+        if amp_doc is not None:
+            amp_doc, amp_outcome = self._check_amp(amp_doc)
+        return Email(
+            out.subject, html, text, headers, state.fallback_blocks, out.used_fallback_template, amp_doc, amp_outcome
+        )
+
+    def _amp(self, context: dict[str, Any], amp_link: amp.AmpLink | None) -> tuple[str | None, dict[str, Any] | None]:
+        """The AMP part from its template, or None and why it was dropped."""
+        if self.amp_template is None:
+            return None, None
+        try:
+            document = self.amp_template.render({**context, "amp_url": amp_link.url if amp_link else _no_amp_key})
+        except _DATA_ERRORS as exc:
+            error = amp.AmpError(None, None, "TEMPLATE_ERROR", f"{self.amp_template.name}: {_describe(exc)}")
+            return None, _amp_dropped([error])
+        return _CONTROL.sub("", document), None
+
+    def _check_amp(self, document: str) -> tuple[str | None, dict[str, Any]]:
+        """Gmail's size limit, then the AMP validator: what fails either is not sent."""
+        size = len(document.encode())
+        if size > amp.MAX_AMP_BYTES:
+            message = f"the AMP part is {size:,} bytes, over the {amp.MAX_AMP_BYTES:,} AMP for Email allows"
+            return None, _amp_dropped([amp.AmpError(None, None, "SIZE_LIMIT", message)])
+        if self.amp_validator is None:
+            return document, {"amp": "unvalidated"}
+        errors = amp.validator(self.amp_validator).errors(document)
+        if errors:
+            return None, _amp_dropped(errors)
+        return document, {"amp": "sent"}
 
     def _unsubscribe(self, fields: dict[str, Any], context: dict[str, Any], token: str | None) -> dict[str, str]:
         """[campaign] unsubscribe: this recipient's signed headers; the URL is
@@ -387,6 +440,14 @@ def nesting_depth(markup: str) -> int:
             depth += 1
             deepest = max(deepest, depth)
     return deepest
+
+
+def _no_amp_key(url: str) -> str:
+    raise ValueError("amp_url needs [campaign] amp_key_env (the key that signs its links)")
+
+
+def _amp_dropped(errors: list[amp.AmpError]) -> dict[str, Any]:
+    return {"amp": "dropped", "amp_errors": [e.manifest() for e in errors[: amp.MAX_ERRORS]]}
 
 
 def _describe(exc: Exception) -> str:

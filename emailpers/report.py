@@ -90,6 +90,7 @@ class Report:
     stopped: str | None = None  # the error that stopped the run early
     stop_code: int | None = None  # ... and its exit code
     warnings: tuple[str, ...] = ()
+    amp: Mapping[str, Mapping[str, int]] | None = None  # AMP parts by outcome: this_run, total
 
     @property
     def command(self) -> str:
@@ -131,7 +132,10 @@ class Report:
             "recipients_per_s": self.recipients_per_s,
             "stopped": self.stopped,
             "warnings": list(self.warnings),
+            **({} if self.amp is None else {"amp": {k: dict(v) for k, v in self.amp.items()}}),
         }
+
+AMP_OUTCOMES = ("sent", "dropped", "unvalidated")
 
 
 def build_report(
@@ -146,10 +150,12 @@ def build_report(
     stop_code: int | None = None,
     warnings: Sequence[str] = (),
     warm: bool = False,
+    amp: tuple[Mapping[str, int], Mapping[str, int]] | None = None,
 ) -> Report:
     """`counts` are this run's, `previous` the manifest's before it;
     `source_failures` gives per source (recipients it gave no data, recipients
-    it was asked for) over the whole manifest."""
+    it was asked for) over the whole manifest; `amp`, AMP parts by outcome
+    (this run's, the manifest's before it) when the campaign has an AMP part."""
     this_run = StatusCounts.of(counts, warm=warm, also=previous)
     total = StatusCounts({s: n + previous.get(s, 0) for s, n in this_run.items()})
     done = sum(counts.values())
@@ -170,7 +176,15 @@ def build_report(
         stopped=stopped,
         stop_code=stop_code,
         warnings=tuple(warnings),
+        amp=None if amp is None else _amp_counts(*amp),
     )
+
+
+def _amp_counts(this_run: Mapping[str, int], previous: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    return {
+        "this_run": {k: this_run.get(k, 0) for k in AMP_OUTCOMES},
+        "total": {k: this_run.get(k, 0) + previous.get(k, 0) for k in AMP_OUTCOMES},
+    }
 
 
 def _ms(value: float | None) -> str:
@@ -190,6 +204,9 @@ def summary(report: Report) -> str:
         if report.resumed_from_previous_runs:
             lines.append(f"  resumed: {report.resumed_from_previous_runs} already done by an earlier run")
         lines.append("  " + "  ".join(f"{s} {n}" for s, n in total.items()) + "   (manifest total)")
+    if report.amp is not None:
+        lines.append("  AMP parts: " + "  ".join(f"{k} {n}" for k, n in report.amp["total"].items())
+                     + "   (manifest total; dropped: see \"amp_errors\" in the manifest)")
     for name, figures in report.sources.items():
         s = figures.to_json()
         lat = s["latency_ms"]

@@ -75,6 +75,7 @@ class Tally:
         self.source_recipients: Counter[str] = Counter()
         self.source_failures: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
+        self.amp: Counter[str] = Counter()  # AMP parts: sent, dropped, unvalidated
 
     def fetched(self, results: Mapping[str, SourceResult]) -> None:
         """Feed one recipient's fetches to the error-rate window, as soon as they
@@ -91,6 +92,8 @@ class Tally:
             self.source_recipients[name] += 1
             self.source_failures[name] += not result.ok
         self.fallbacks.update(outcome.fallback_sources())
+        if outcome.amp:
+            self.amp[outcome.amp["amp"]] += 1
         limit = self.max_failures
         if outcome.failed and limit is not None and self.counts[outcome.status] >= limit:
             raise TooManyFailures(

@@ -13,7 +13,8 @@ from emailpers.campaign import DEFAULT_TIMEOUT, load_campaign
 from emailpers.errors import CampaignError
 
 CAMPAIGN_KEYS = (
-    "fallback_template, from, headers, name, preheader, render_deadline, subject, template, text_template, unsubscribe"
+    "amp_key_env, amp_template, amp_token_ttl, fallback_template, from, headers, name, preheader, render_deadline, "
+    "subject, template, text_template, unsubscribe"
 )
 
 
