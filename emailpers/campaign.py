@@ -126,6 +126,14 @@ def recipient_format(name: str) -> tuple[str, str, bool] | None:
 
 
 @dataclass(frozen=True)
+class PreviewConfig:
+    """[preview]: what `check` and `preview` use when no flag says otherwise."""
+
+    fixtures: Path | None = None  # a folder of recorded answers (it may not exist yet)
+    recipients: Path | None = None  # a small recipient file for previews
+
+
+@dataclass(frozen=True)
 class Campaign:
     path: Path  # the TOML file
     name: str
@@ -139,6 +147,7 @@ class Campaign:
     headers: dict[str, str] = field(default_factory=dict)
     sources: dict[str, Source] = field(default_factory=dict)
     render_deadline: float = DEFAULT_RENDER_DEADLINE
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
 
     @property
     def root(self) -> Path:
@@ -310,7 +319,7 @@ def load_campaign(
         raise CampaignError(f"{path}: not valid TOML: {exc}") from None
     loader = _Loader(path, text, need_secrets)
     top = _Table(loader, data, "campaign file")
-    top.no_unknown({"campaign", "recipients", "sources", "auth"})
+    top.no_unknown({"campaign", "recipients", "sources", "auth", "preview"})
 
     c = _Table(loader, top.get("campaign", dict, required=True), "[campaign]")
     c.no_unknown({
@@ -354,6 +363,17 @@ def load_campaign(
         recipients=recipients_config,
         sources=sources,
         render_deadline=c.number("render_deadline", DEFAULT_RENDER_DEADLINE, above=True),
+        preview=_load_preview(loader, top.get("preview", dict, {})),
+    )
+
+
+def _load_preview(loader: _Loader, value: Any) -> PreviewConfig:
+    p = _Table(loader, value, "[preview]")
+    p.no_unknown({"fixtures", "recipients"})
+    fixtures = p.get("fixtures", str)
+    return PreviewConfig(
+        fixtures=None if fixtures is None else (loader.path.parent / fixtures).resolve(),
+        recipients=loader.file(p, "recipients", required=False),
     )
 
 

@@ -172,6 +172,13 @@ _cache_dir_option = click.option(
 )
 
 
+_record_option = click.option(
+    "--record", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+    help="Save every answer the APIs give as a JSON fixture in DIR (one file per request; no credentials), "
+         "for --replay. The cache is neither read nor written.",
+)
+
+
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by `render` and `cache warm`."""
     for option in reversed(
@@ -211,6 +218,10 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
                    "their lines and files are replaced.")
 @click.option("--max-failures", type=click.IntRange(1), metavar="N",
               help="Stop (exit 3) once N recipients failed in this run.")
+@_record_option
+@click.option("--replay", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Answer every request from the fixtures in DIR (see --record): no network, no API secrets. "
+                   "A request with no fixture is an error for that source (its fallback).")
 def render(
     campaign_file: Path,
     out: Path,
@@ -226,6 +237,8 @@ def render(
     fresh: bool,
     redo: frozenset[str],
     max_failures: int | None,
+    record: Path | None,
+    replay: Path | None,
 ) -> None:
     """Render CAMPAIGN (a .toml file) for every recipient into --out.
 
@@ -236,9 +249,12 @@ def render(
         raise click.UsageError("--offline reads the cache; it cannot be combined with --no-cache")
     if fresh and redo:
         raise click.UsageError("--redo does part of an earlier run again; --fresh starts over: choose one")
+    if sum((offline, record is not None, replay is not None)) > 1:
+        raise click.UsageError("--offline, --record and --replay each choose where answers come from: choose one")
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
-        # Offline, nothing is sent: the API secrets are not needed.
-        campaign = load_campaign(campaign_file, path, recipients_label=label, need_secrets=not offline)
+        # Offline or replayed, nothing is sent: the API secrets are not needed.
+        campaign = load_campaign(campaign_file, path, recipients_label=label,
+                                 need_secrets=not (offline or replay is not None))
         options = RunOptions(
             out=out,
             formats=formats,
@@ -251,6 +267,8 @@ def render(
             max_error_rate=max_error_rate,
             max_failures=max_failures,
             redo=redo,
+            record=record,
+            replay=replay,
         )
         with _progress(campaign, progress) as update:
             report = render_campaign(campaign, options, update)
@@ -271,6 +289,7 @@ def cache() -> None:
 @cache.command("warm")
 @click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
 @run_options
+@_record_option
 def cache_warm(
     campaign_file: Path,
     recipients: Path | None,
@@ -278,6 +297,7 @@ def cache_warm(
     cache_dir: Path | None,
     max_error_rate: float | None,
     progress: bool,
+    record: Path | None,
 ) -> None:
     """Fetch every recipient's data into the cache, render nothing.
 
@@ -287,7 +307,8 @@ def cache_warm(
     """
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
         campaign = load_campaign(campaign_file, path, recipients_label=label)
-        options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate)
+        options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate,
+                             record=record)
         with _progress(campaign, progress, "Warming") as update:
             report = warm_cache(campaign, options, update)
     click.echo(summary(report))

@@ -35,6 +35,7 @@ from emailpers.errors import (
     TooManyFailures,
     UnhealthySource,
 )
+from emailpers.fixtures import RecordingClient, ReplayClient
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
 from emailpers.output import REPORT, write_atomic
@@ -73,6 +74,10 @@ class RunOptions:
     max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE  # None or 1: never stop on errors
     max_failures: int | None = None  # stop once this many recipients failed in this run
     redo: frozenset[str] = field(default_factory=frozenset)  # statuses to do again on resume
+    # Fixtures (emailpers.fixtures): save every answer into this folder, or answer
+    # from it with no network. Either way the cache is neither read nor written.
+    record: Path | None = None
+    replay: Path | None = None
 
 
 def default_workers() -> int:
@@ -85,6 +90,14 @@ def cache_directory(campaign: Campaign, options: RunOptions) -> Path:
 
 def make_client(concurrency: int) -> HttpClient:
     return HttpClient(max_connections=concurrency * 2)
+
+
+def run_client(options: RunOptions) -> HttpClient:
+    """The run's client: the network, the network with every answer recorded, or the fixtures."""
+    if options.replay is not None:
+        return ReplayClient(options.replay)
+    client = make_client(options.concurrency)
+    return RecordingClient(client, options.record) if options.record is not None else client
 
 
 # -- the run ------------------------------------------------------------------------
@@ -187,7 +200,8 @@ class Run:
         cache = pool = None
         running = False  # past the checks that keep a run from starting: from here on, a report
         try:
-            if self.options.use_cache or self.options.offline:
+            fixtures = self.options.record is not None or self.options.replay is not None
+            if (self.options.use_cache or self.options.offline) and not fixtures:
                 # First: an unusable cache folder stops the run before --fresh clears anything.
                 cache = ResponseCache(cache_directory(self.campaign, self.options))
             if out is not None and self.job is not None:
@@ -315,7 +329,7 @@ class Run:
                     ) from None
 
             self.render_queue = Batcher(RENDER_CHUNK, RENDER_LINGER, render_chunk)
-        async with make_client(options.concurrency) as client:
+        async with run_client(options) as client:
             fetcher = Fetcher(self.campaign, client, cache, offline=options.offline, concurrency=options.concurrency)
             self.fetcher_stats = fetcher.stats()
             batch_sizes = [s.batch.size for s in self.campaign.sources.values() if s.batch]
