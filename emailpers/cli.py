@@ -359,6 +359,78 @@ def cache_clear(campaign_file: Path, cache_dir: Path | None, source: str | None)
     click.echo(f"Removed {removed} cached responses" + (f" of source {source}" if source else "") + ".")
 
 
+def _ids(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(i.strip() for i in (value or "").split(",") if i.strip()))
+
+
+@cli.command()
+@click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--sample", "size", type=click.IntRange(1), default=20, show_default=True, metavar="N",
+              help="Recipients to render and lint, chosen by a hash of their id: the same ones every run.")
+@click.option("--only", callback=_ids, metavar="ID[,ID]", help="Check these recipients instead of a sample.")
+@click.option("--recipients", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipient file to sample [default: [preview] recipients, else [recipients] path].")
+@click.option("--replay", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Data from these fixtures (see render --record) [default: [preview] fixtures]; no secrets needed.")
+@click.option("--offline", is_flag=True, help="Data from the cache only; no network, no secrets.")
+@_cache_dir_option
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the rendered sample here [default: a temporary folder, removed].")
+@click.option("--strict", is_flag=True, help="Warnings fail the check too.")
+@click.option("--format", "output", type=click.Choice(["text", "github"]), default="text", show_default=True,
+              help="github: GitHub Actions annotations (::error file=...,line=...::), on the pull request's lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def check(
+    campaign_file: Path,
+    size: int,
+    only: tuple[str, ...],
+    recipients: Path | None,
+    replay: Path | None,
+    offline: bool,
+    cache_dir: Path | None,
+    out: Path | None,
+    strict: bool,
+    output: str,
+    as_json: bool,
+) -> None:
+    """Render a sample of CAMPAIGN and lint every message: exit 0 when clean, 1 on errors.
+
+    Checks the campaign as render does, renders --sample recipients (from
+    fixtures, the cache, or the live APIs), then lints the templates and each
+    message: Gmail's 102 KB clip, MJML tags and attributes, merge tags left in,
+    empty values, images and links, unsubscribe headers, From, subject,
+    preheader, the text part, {% live %} blocks without a fallback.
+
+    \b
+    Example, in CI with recorded fixtures:
+      emailpers check templates/campaign.toml --replay fixtures/ --format github
+    """
+    import tempfile
+
+    from emailpers.sample import check_sample, github_lines, json_value, text_lines
+
+    if replay is not None and offline:
+        raise click.UsageError("--replay and --offline each choose where the data comes from: choose one")
+    with _errors():
+        campaign = load_campaign(campaign_file, recipients, need_secrets=False)
+        preview = campaign.preview
+        if recipients is None and preview.recipients is not None:
+            campaign = load_campaign(campaign_file, preview.recipients, need_secrets=False)
+        replay = replay if replay is not None or offline else preview.fixtures
+        if replay is None and not offline:  # the live APIs: their secrets are needed
+            campaign = load_campaign(campaign_file, recipients or preview.recipients)
+        with tempfile.TemporaryDirectory(prefix="emailpers-check-") as temporary:
+            result = check_sample(campaign, out or Path(temporary), size=size, only=only, replay=replay,
+                                  offline=offline, cache_dir=cache_dir)
+    if as_json:
+        click.echo(json.dumps(json_value(result), indent=2))
+    else:
+        lines = text_lines(result)
+        for line in (github_lines(result) + lines[-1:]) if output == "github" else lines:
+            click.echo(line)
+    sys.exit(EXIT_ERROR if result.failed(strict) else EXIT_OK)
+
+
 @cli.command()
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Output folder for the demo's emails.")
