@@ -359,6 +359,20 @@ def cache_clear(campaign_file: Path, cache_dir: Path | None, source: str | None)
     click.echo(f"Removed {removed} cached responses" + (f" of source {source}" if source else "") + ".")
 
 
+def _sample_campaign(
+    campaign_file: Path, recipients: Path | None, replay: Path | None, offline: bool
+) -> tuple[Campaign, Path | None]:
+    """`check` and `preview`: the campaign on the recipients to sample, and the
+    fixtures to replay; [preview] gives what no flag does. Only live APIs need secrets."""
+    campaign = load_campaign(campaign_file, recipients, need_secrets=False)
+    recipients = recipients or campaign.preview.recipients
+    replay = replay if replay is not None or offline else campaign.preview.fixtures
+    live = replay is None and not offline
+    if recipients is not None or live:
+        campaign = load_campaign(campaign_file, recipients, need_secrets=live)
+    return campaign, replay
+
+
 def _ids(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(i.strip() for i in (value or "").split(",") if i.strip()))
 
@@ -412,13 +426,7 @@ def check(
     if replay is not None and offline:
         raise click.UsageError("--replay and --offline each choose where the data comes from: choose one")
     with _errors():
-        campaign = load_campaign(campaign_file, recipients, need_secrets=False)
-        preview = campaign.preview
-        if recipients is None and preview.recipients is not None:
-            campaign = load_campaign(campaign_file, preview.recipients, need_secrets=False)
-        replay = replay if replay is not None or offline else preview.fixtures
-        if replay is None and not offline:  # the live APIs: their secrets are needed
-            campaign = load_campaign(campaign_file, recipients or preview.recipients)
+        campaign, replay = _sample_campaign(campaign_file, recipients, replay, offline)
         with tempfile.TemporaryDirectory(prefix="emailpers-check-") as temporary:
             result = check_sample(campaign, out or Path(temporary), size=size, only=only, replay=replay,
                                   offline=offline, cache_dir=cache_dir)
@@ -429,6 +437,75 @@ def check(
         for line in (github_lines(result) + lines[-1:]) if output == "github" else lines:
             click.echo(line)
     sys.exit(EXIT_ERROR if result.failed(strict) else EXIT_OK)
+
+
+@cli.command()
+@click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Gallery folder: index.html, emails/, screenshots/.")
+@click.option("--sample", "size", type=click.IntRange(1), default=20, show_default=True, metavar="N",
+              help="Recipients to show, chosen as `check` chooses them.")
+@click.option("--only", callback=_ids, metavar="ID[,ID]", help="Show these recipients instead of a sample.")
+@click.option("--recipients", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipient file to sample [default: [preview] recipients, else [recipients] path].")
+@click.option("--replay", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Data from these fixtures [default: [preview] fixtures]; no secrets needed.")
+@click.option("--offline", is_flag=True, help="Data from the cache only; no network, no secrets.")
+@_cache_dir_option
+@click.option("--screenshots", is_flag=True, help="Also PNGs of every email at 600 and 375 px, in headless Chromium.")
+@click.option("--open", "open_", is_flag=True, help="Open index.html in the default browser.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def preview(
+    campaign_file: Path,
+    out: Path,
+    size: int,
+    only: tuple[str, ...],
+    recipients: Path | None,
+    replay: Path | None,
+    offline: bool,
+    cache_dir: Path | None,
+    screenshots: bool,
+    open_: bool,
+    as_json: bool,
+) -> None:
+    """Write a static gallery of CAMPAIGN: every sampled recipient in every data state.
+
+    For each recipient: the email as its data came (live), with each source
+    failed (every {% live %} block shows its fallback), and the whole-email
+    fallback_template; at 600 and 375 px, with subject, preheader, From, size
+    against Gmail's clip, the text part, why blocks fell back, and lint
+    findings. OUT/index.html is one file: no server, no CDN.
+
+    \b
+    Example, in CI with recorded fixtures:
+      emailpers preview templates/campaign.toml --replay fixtures/ --out preview/
+    """
+    from emailpers.preview import build_gallery, dump, summary_json
+    from emailpers.sample import sample_rows
+
+    if replay is not None and offline:
+        raise click.UsageError("--replay and --offline each choose where the data comes from: choose one")
+    with _errors():
+        campaign, replay = _sample_campaign(campaign_file, recipients, replay, offline)
+        gallery = build_gallery(campaign, sample_rows(campaign, size, only), out, replay=replay, offline=offline,
+                                cache_dir=cache_dir)
+        shots = []
+        if screenshots:
+            from emailpers.browser import screenshots as take
+            from emailpers.preview import WIDTHS
+
+            shots = take(gallery.emails, out / "screenshots", WIDTHS)
+    if as_json:
+        click.echo(dump({**summary_json(gallery), "screenshots": len(shots)}))
+    else:
+        value = summary_json(gallery)
+        click.echo(f"Preview of {len(value['recipients'])} recipients in {len(value['states'])} data states: "
+                   f"{value['emails']} emails, {value['findings']} lint findings"
+                   + (f", {len(shots)} screenshots" if screenshots else "") + f" -> {gallery.index}")
+        for item in value["not_rendered"]:
+            click.echo(f"  not rendered: {item}")
+    if open_:
+        click.launch(str(gallery.index))
 
 
 @cli.command()

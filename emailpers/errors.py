@@ -5,6 +5,7 @@
     │   └── RecipientListError     the recipient list as a whole is unusable (found before any request)
     ├── OutputError                the output folder cannot be used, or the disk refused a write (exit 1)
     ├── CacheError                 the cache folder cannot be used (exit 1)
+    ├── BrowserError               preview --screenshots found no usable Chromium (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
     ├── TooManyFailures            --max-failures recipients failed; the run stopped (exit 3)
@@ -32,6 +33,10 @@ class EmailpersError(Exception):
 
     exit_code = 1
     report: dict[str, Any] | None = None  # a run that stopped: its report, set as the error leaves it
+
+
+class BrowserError(EmailpersError):
+    """No headless Chromium (or Playwright) to take screenshots with."""
 
 
 class CampaignError(EmailpersError):
