@@ -510,21 +510,62 @@ def preview(
 
 @cli.command()
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
-              show_default=True, help="Output folder for the demo's emails.")
-def demo(out: Path) -> None:
+              show_default=True, help="Output folder for the demo's emails (with --serve: the campaign's copy).")
+@click.option("--serve", is_flag=True,
+              help="Keep the sample API running, with a copy of the campaign pointing at it, and print commands to try.")
+def demo(out: Path, serve: bool) -> None:
     """Render the sample campaign against a sample API started on loopback.
 
     The sample API has realistic latency and a few deliberate failures (a user
     slower than the timeout, a 500, a flaky one that succeeds on retry). The
     campaign runs twice: cold, then again on the warm cache.
+
+    \b
+    Examples:
+      emailpers demo
+      emailpers demo --serve --out try-it    (Ctrl-C stops the API)
     """
     from emailpers.demo import run_demo
 
+    if serve:
+        _serve_demo(out)
+        return
     with _errors():
         for title, report, folder in run_demo(out):
             click.echo(f"\n== {title} -> {folder}")
             click.echo(summary(report))
     click.echo(f"\nOpen {out}/messages/*.eml in a mail client, or read {out}/manifest.jsonl.")
+
+
+def _serve_demo(folder: Path) -> None:
+    import json as json_module
+
+    from emailpers.demo import DEMO_KEY, DEMO_TOKEN, SampleAPI, project_root, serve_copy
+
+    with _errors():
+        fixtures = json_module.loads((project_root() / "sample_data" / "api.json").read_text(encoding="utf-8"))
+        api = SampleAPI(fixtures)
+    with api:
+        with _errors():
+            campaign = serve_copy(api, folder)
+        c = str(campaign)
+        click.echo(f"Sample API on {api.origin} (Ctrl-C stops it); the campaign's copy, pointing there: {c}\n")
+        for line in (
+            f"export SHOP_API_TOKEN={DEMO_TOKEN} SHOP_API_KEY={DEMO_KEY}",
+            f"emailpers render {c} --out {folder}/out",
+            f"emailpers cache warm {c}",
+            f"emailpers render {c} --out {folder}/offline --offline",
+            f"emailpers render {c} --out {folder}/recorded --record {folder}/fixtures",
+            f"emailpers check {c}",
+            f"emailpers check {c} --replay {folder}/fixtures --format github",
+            f"emailpers preview {c} --out {folder}/preview --open",
+        ):
+            click.echo(f"  {line}")
+        sys.stdout.flush()
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            click.echo("Sample API stopped.")
 
 
 def main() -> None:
