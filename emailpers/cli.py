@@ -36,7 +36,10 @@ from emailpers.report import STATUSES, summary
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_RECIPIENTS = 0, 1, 2, 3
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# auto_envvar_prefix: every option can also come from EMAILPERS_<COMMAND>_<OPTION>
+# (EMAILPERS_RENDER_CONCURRENCY=8, EMAILPERS_CACHE_WARM_CONCURRENCY=8).
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
+                               "auto_envvar_prefix": "EMAILPERS"})
 @click.version_option(__version__, prog_name="emailpers")
 def cli() -> None:
     """Render personalised emails with live API data, moments before the send.
@@ -52,6 +55,13 @@ def cli() -> None:
     recipient in the manifest failed (or --max-failures stopped the run),
     4 stopped early by --max-error-rate, 130 and 143 stopped by SIGINT
     (Ctrl-C) and SIGTERM: rerun to resume.
+
+    Every option can also be set as EMAILPERS_<COMMAND>_<OPTION>, e.g.
+    EMAILPERS_RENDER_CONCURRENCY=8.
+
+    \b
+    Example:
+      emailpers render templates/campaign.toml --out out/
     """
 
 
@@ -172,6 +182,10 @@ _cache_dir_option = click.option(
 )
 
 
+def _log_request(line: str) -> None:
+    click.echo(line, err=True)
+
+
 _record_option = click.option(
     "--record", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
     help="Save every answer the APIs give as a JSON fixture in DIR (one file per request; no credentials), "
@@ -193,6 +207,10 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
                          help="Stop (exit 4) when more than this share of a source's last 200 fetches failed; "
                               "1 never stops."),
             click.option("--progress/--no-progress", default=True, help="Progress bar on a terminal."),
+            click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (the report) instead."),
+            click.option("-q", "--quiet", is_flag=True, help="Print errors only (cron mails every line printed)."),
+            click.option("-v", "--verbose", is_flag=True,
+                         help="Print each request on stderr: method, URL, status (or error) and time."),
         ]
     ):
         func = option(func)
@@ -231,6 +249,9 @@ def render(
     cache_dir: Path | None,
     max_error_rate: float | None,
     progress: bool,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
     workers: int | None,
     no_cache: bool,
     offline: bool,
@@ -244,6 +265,11 @@ def render(
 
     Running the same command again on the same --out resumes: recipients
     already in the manifest are not done again.
+
+    \b
+    Examples:
+      emailpers render templates/campaign.toml --out out/
+      emailpers render templates/campaign.toml --out out/ --replay fixtures/ --json
     """
     if no_cache and offline:
         raise click.UsageError("--offline reads the cache; it cannot be combined with --no-cache")
@@ -269,11 +295,15 @@ def render(
             redo=redo,
             record=record,
             replay=replay,
+            log_request=_log_request if verbose else None,
         )
-        with _progress(campaign, progress) as update:
+        with _progress(campaign, progress and not quiet) as update:
             report = render_campaign(campaign, options, update)
-    click.echo(summary(report))
-    click.echo(f"Output: {out}/ (manifest.jsonl, report.json, messages/)")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        click.echo(summary(report))
+        click.echo(f"Output: {out}/ (manifest.jsonl, report.json, messages/)")
     # The whole manifest, not this run: a rerun that skips failed recipients never reports success.
     failed = report["total"]["failed"]
     if failed and not report["this_run"]["failed"]:
@@ -283,7 +313,12 @@ def render(
 
 @cli.group()
 def cache() -> None:
-    """Warm, inspect or clear a campaign's response cache."""
+    """Warm, inspect or clear a campaign's response cache.
+
+    \b
+    Example:
+      emailpers cache stats templates/campaign.toml
+    """
 
 
 @cache.command("warm")
@@ -297,6 +332,9 @@ def cache_warm(
     cache_dir: Path | None,
     max_error_rate: float | None,
     progress: bool,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
     record: Path | None,
 ) -> None:
     """Fetch every recipient's data into the cache, render nothing.
@@ -304,14 +342,21 @@ def cache_warm(
     Run it shortly before the send (within the sources' cache_ttl) so the
     render itself reads the cache. Exit 3 when some recipient's data could
     not be fetched.
+
+    \b
+    Example, minutes before the send:
+      emailpers cache warm templates/campaign.toml && emailpers render templates/campaign.toml --out out/
     """
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
         campaign = load_campaign(campaign_file, path, recipients_label=label)
         options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate,
-                             record=record)
-        with _progress(campaign, progress, "Warming") as update:
+                             record=record, log_request=_log_request if verbose else None)
+        with _progress(campaign, progress and not quiet, "Warming") as update:
             report = warm_cache(campaign, options, update)
-    click.echo(summary(report))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        click.echo(summary(report))
     sys.exit(EXIT_FAILED_RECIPIENTS if report["this_run"].get("failed") else EXIT_OK)
 
 
@@ -328,7 +373,12 @@ def _open_cache(campaign_file: Path, cache_dir: Path | None) -> tuple[Campaign, 
 @_cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def cache_stats(campaign_file: Path, cache_dir: Path | None, as_json: bool) -> None:
-    """Entries, size on disk and age of the cache, per source."""
+    """Entries, size on disk and age of the cache, per source.
+
+    \b
+    Example:
+      emailpers cache stats templates/campaign.toml --json
+    """
     with _errors():
         _, store = _open_cache(campaign_file, cache_dir)
         stats = store.stats()
@@ -347,7 +397,12 @@ def cache_stats(campaign_file: Path, cache_dir: Path | None, as_json: bool) -> N
 @_cache_dir_option
 @click.option("--source", help="Clear only this source's entries.")
 def cache_clear(campaign_file: Path, cache_dir: Path | None, source: str | None) -> None:
-    """Remove cached responses (all, or one source's)."""
+    """Remove cached responses (all, or one source's).
+
+    \b
+    Example:
+      emailpers cache clear templates/campaign.toml --source cart
+    """
     with _errors():
         campaign, store = _open_cache(campaign_file, cache_dir)
         if source is not None and source not in campaign.sources:
@@ -407,7 +462,7 @@ def check(
     output: str,
     as_json: bool,
 ) -> None:
-    """Render a sample of CAMPAIGN and lint every message: exit 0 when clean, 1 on errors.
+    """Render a sample of CAMPAIGN and lint it; exit 1 on errors.
 
     Checks the campaign as render does, renders --sample recipients (from
     fixtures, the cache, or the live APIs), then lints the templates and each
@@ -468,7 +523,7 @@ def preview(
     open_: bool,
     as_json: bool,
 ) -> None:
-    """Write a static gallery of CAMPAIGN: every sampled recipient in every data state.
+    """Write a gallery of CAMPAIGN: each sampled recipient in each data state.
 
     For each recipient: the email as its data came (live), with each source
     failed (every {% live %} block shows its fallback), and the whole-email
@@ -566,6 +621,25 @@ def _serve_demo(folder: Path) -> None:
             threading.Event().wait()
         except KeyboardInterrupt:
             click.echo("Sample API stopped.")
+
+
+def _name_env_vars(group: click.Group, prefix: tuple[str, ...] = ("EMAILPERS",)) -> None:
+    """auto_envvar_prefix names a variable after the parameter (`formats`,
+    `as_json`); where that differs from the option a person types, name it
+    after the option: EMAILPERS_RENDER_FORMAT, EMAILPERS_RENDER_JSON."""
+    for name, command in group.commands.items():
+        path = (*prefix, name.upper().replace("-", "_"))
+        if isinstance(command, click.Group):
+            _name_env_vars(command, path)
+            continue
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar is None:
+                flag = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+                if flag != (param.name or "").upper():
+                    param.envvar = "_".join((*path, flag))
+
+
+_name_env_vars(cli)
 
 
 def main() -> None:

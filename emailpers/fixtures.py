@@ -1,4 +1,8 @@
-"""Record and replay source responses at the HTTP seam (`render --record DIR`,
+"""Clients at the HTTP seam, each with HttpClient's interface: record and
+replay source responses (`render --record DIR`, `--replay DIR`), log each
+request (`-v`).
+
+Record and replay source responses (`render --record DIR`,
 `--replay DIR`): CI previews and checks run with no network and no secrets.
 
 A fixture is one JSON file per request, `DIR/<host>/<path>[-<query>].<hash>.json`
@@ -20,10 +24,11 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -183,3 +188,54 @@ class ReplayClient(HttpClient):
 
     async def close(self) -> None:
         pass
+
+
+class LoggingClient(HttpClient):
+    """Wraps a client; tells `log` each request's method, URL (no userinfo;
+    credentials travel in headers, which are never shown), status and time
+    (`-v`). A request that got no answer is logged with its error."""
+
+    def __init__(self, client: HttpClient, log: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(max_connections=1)
+        self.client = client
+        self.log = log
+        self.clock = clock
+
+    def _line(self, method: str, url: str, started: float, outcome: str) -> None:
+        parts = urlsplit(url)
+        shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        self.log(f"{method} {shown} {outcome} {(self.clock() - started) * 1000:.0f}ms")
+
+    async def get(self, url: str, headers: Mapping[str, str], *, max_bytes: int) -> Response:
+        started = self.clock()
+        try:
+            response = await self.client.get(url, headers, max_bytes=max_bytes)
+        except BaseException as exc:
+            self._line("GET", url, started, type(exc).__name__)
+            raise
+        self._line("GET", url, started, str(response.status))
+        return response
+
+    async def post(
+        self,
+        url: str,
+        *,
+        form: Mapping[str, str] | None = None,
+        json_body: object = None,
+        headers: Mapping[str, str],
+        timeout: float,
+        max_bytes: int,
+    ) -> Response:
+        started = self.clock()
+        try:
+            response = await self.client.post(
+                url, form=form, json_body=json_body, headers=headers, timeout=timeout, max_bytes=max_bytes
+            )
+        except BaseException as exc:
+            self._line("POST", url, started, type(exc).__name__)
+            raise
+        self._line("POST", url, started, str(response.status))
+        return response
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -35,7 +35,7 @@ from emailpers.errors import (
     TooManyFailures,
     UnhealthySource,
 )
-from emailpers.fixtures import RecordingClient, ReplayClient
+from emailpers.fixtures import LoggingClient, RecordingClient, ReplayClient
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
 from emailpers.output import REPORT, write_atomic
@@ -78,6 +78,7 @@ class RunOptions:
     # from it with no network. Either way the cache is neither read nor written.
     record: Path | None = None
     replay: Path | None = None
+    log_request: Callable[[str], None] | None = None  # -v: one line per request (method, URL, status, time)
 
 
 def default_workers() -> int:
@@ -95,9 +96,11 @@ def make_client(concurrency: int) -> HttpClient:
 def run_client(options: RunOptions) -> HttpClient:
     """The run's client: the network, the network with every answer recorded, or the fixtures."""
     if options.replay is not None:
-        return ReplayClient(options.replay)
-    client = make_client(options.concurrency)
-    return RecordingClient(client, options.record) if options.record is not None else client
+        client: HttpClient = ReplayClient(options.replay)
+    else:
+        client = make_client(options.concurrency)
+        client = RecordingClient(client, options.record) if options.record is not None else client
+    return LoggingClient(client, options.log_request) if options.log_request is not None else client
 
 
 # -- the run ------------------------------------------------------------------------
