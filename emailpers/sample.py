@@ -137,7 +137,7 @@ def check_sample(campaign: Campaign, out: Path, *, size: int = DEFAULT_SAMPLE, o
     if not rows:
         raise CampaignError(f"{campaign.recipients.name}: no usable recipient to check")
     report = render_sample(campaign, rows, out, replay=replay, offline=offline, cache_dir=cache_dir)
-    data_from = f"fixtures in {replay}" if replay is not None else "the cache" if offline else "the live APIs"
+    data_from = f"fixtures in {shown_path(replay)}" if replay is not None else "the cache" if offline else "the live APIs"
     ids = [str(r[campaign.recipients.id_field]) for r in rows]
     return CheckResult(ids, lint_output(campaign, out), report, data_from, out)
 
