@@ -75,3 +75,23 @@ def test_demo_serve_prints_commands_that_work(tmp_path: Path) -> None:
         out, err = demo.communicate(timeout=30)
     assert demo.returncode == 0, err
     assert out.endswith("Sample API stopped.\n")
+
+
+def test_the_wheel_carries_the_sample_campaign(tmp_path: Path) -> None:
+    """`pip install .` gives `emailpers demo` its campaign: every file of
+    templates/ and sample_data/ is in the wheel, under emailpers/sample_campaign/."""
+    import zipfile
+
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("emailpers-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {
+        f"emailpers/sample_campaign/{p.relative_to(ROOT).as_posix()}"
+        for folder in ("templates", "sample_data") for p in (ROOT / folder).rglob("*") if p.is_file()
+    }
+    assert expected <= names, sorted(expected - names)
+    assert "emailpers/sample_campaign/templates/campaign.toml" in names
