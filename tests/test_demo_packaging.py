@@ -80,10 +80,15 @@ def test_demo_serve_prints_commands_that_work(tmp_path: Path) -> None:
 def test_the_wheel_carries_the_sample_campaign(tmp_path: Path) -> None:
     """`pip install .` gives `emailpers demo` its campaign: every file of
     templates/ and sample_data/ is in the wheel, under emailpers/sample_campaign/."""
+    import shutil
     import zipfile
 
+    # A clean copy: setuptools would reuse a stale build/ folder of the checkout.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "venv", "build", "*.egg-info", "__pycache__", ".*_cache", "demo-out"))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert built.returncode == 0, built.stderr
