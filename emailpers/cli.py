@@ -20,6 +20,7 @@ from emailpers import __version__
 from emailpers.cache import ResponseCache
 from emailpers.campaign import Campaign, load_campaign
 from emailpers.errors import CampaignError, EmailpersError, Interrupted
+from emailpers.fixtures import check_fixtures_folder
 from emailpers.output import FORMATS
 from emailpers.pipeline import (
     DEFAULT_CONCURRENCY,
@@ -278,6 +279,8 @@ def render(
     if sum((offline, record is not None, replay is not None)) > 1:
         raise click.UsageError("--offline, --record and --replay each choose where answers come from: choose one")
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
+        if replay is not None:
+            check_fixtures_folder(replay)
         # Offline or replayed, nothing is sent: the API secrets are not needed.
         campaign = load_campaign(campaign_file, path, recipients_label=label,
                                  need_secrets=not (offline or replay is not None))
@@ -423,6 +426,8 @@ def _sample_campaign(
     recipients = recipients or campaign.preview.recipients
     replay = replay if replay is not None or offline else campaign.preview.fixtures
     live = replay is None and not offline
+    if replay is not None:
+        check_fixtures_folder(replay)
     if recipients is not None or live:
         campaign = load_campaign(campaign_file, recipients, need_secrets=live)
     return campaign, replay

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from emailpers.errors import CampaignError
 from emailpers.http import BadBody, HttpClient, Response
 
 FIXTURE_VERSION = 1
@@ -39,6 +40,7 @@ FIXTURE_VERSION = 1
 KEPT_HEADERS = ("Content-Type", "Cache-Control", "Location", "Retry-After", "Age", "Expires")
 # What a replayed token endpoint answers: no credential was recorded, none is needed.
 REPLAY_TOKEN = {"access_token": "replayed-no-secret", "token_type": "Bearer", "expires_in": 3600}
+NO_FIXTURE = "no fixture for this request (record one with --record)"  # the error kind a report counts
 _SLUG = re.compile(r"[^A-Za-z0-9._@=+-]+")
 _SLUG_MAX = 120
 
@@ -46,6 +48,12 @@ _SLUG_MAX = 120
 class NoFixture(BadBody):
     """A replayed request that was never recorded: that source's error outcome
     (its fallback), like an API that answered nothing usable."""
+
+
+def check_fixtures_folder(folder: Path) -> None:
+    """Loud and early: without the folder every recipient would quietly get fallbacks."""
+    if not folder.is_dir():
+        raise CampaignError(f"{folder}: no fixtures folder here; record one with --record {folder}")
 
 
 def fixture_key(method: str, url: str) -> str:
@@ -159,6 +167,7 @@ class ReplayClient(HttpClient):
 
     def __init__(self, folder: Path) -> None:
         super().__init__(max_connections=1)
+        check_fixtures_folder(folder)
         self.folder = folder
         self.replayed = 0
         self.missing: list[str] = []
@@ -167,7 +176,7 @@ class ReplayClient(HttpClient):
         path = fixture_path(self.folder, "GET", url)
         if not path.is_file():
             self.missing.append(str(path))
-            raise NoFixture(f"no fixture for this request (record one with --record): {path}")
+            raise NoFixture(f"{NO_FIXTURE}: {path}")
         response = decode_fixture(path)
         if len(response.body) > max_bytes:
             raise NoFixture(f"fixture larger than the source's max_bytes ({max_bytes} bytes): {path}")

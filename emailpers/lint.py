@@ -45,6 +45,7 @@ RULES: dict[str, tuple[str, str]] = {
     "text-part": (ERROR, "an empty text part (much shorter than the HTML's text: a warning)"),
     "empty-fallback": (ERROR, "a {% live %} block whose fallback is empty: the recipient would see a hole"),
     "render": (ERROR, "the recipient's message could not be rendered"),
+    "fixtures": (WARNING, "requests with no fixture: their sources fell back in the sample"),
 }
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from emailpers.campaign import Campaign
 from emailpers.errors import CampaignError
+from emailpers.fixtures import NO_FIXTURE
 from emailpers.lint import ERROR, WARNING, Finding, lint_message, lint_template
 from emailpers.pipeline import RunOptions, render_campaign
 from emailpers.recipients import read_recipients
@@ -139,7 +140,14 @@ def check_sample(campaign: Campaign, out: Path, *, size: int = DEFAULT_SAMPLE, o
     report = render_sample(campaign, rows, out, replay=replay, offline=offline, cache_dir=cache_dir)
     data_from = f"fixtures in {shown_path(replay)}" if replay is not None else "the cache" if offline else "the live APIs"
     ids = [str(r[campaign.recipients.id_field]) for r in rows]
-    return CheckResult(ids, lint_output(campaign, out), report, data_from, out)
+    findings = lint_output(campaign, out)
+    for name, figures in report["sources"].items():
+        missing = figures["top_errors"].get(NO_FIXTURE)
+        if replay is not None and missing:
+            findings.append(Finding("fixtures", WARNING, f"source {name}: {missing} requests had no fixture in "
+                                    f"{shown_path(replay)}; those recipients show the fallback (record them with "
+                                    "render --record)", shown_path(campaign.path)))
+    return CheckResult(ids, findings, report, data_from, out)
 
 
 # -- output ---------------------------------------------------------------------------

@@ -111,6 +111,18 @@ def test_a_missing_fixture_is_a_fallback_and_the_check_says_so(tmp_path: Path) -
 
     assert result.exit_code == 1
     assert "error [empty-value] 'Hi ,' in the HTML: a blank value before the comma (recipients r00, r01, r02)" in result.stdout
+    assert f"{campaign}: warning [fixtures] source shop: 3 requests had no fixture in {fixtures}; those recipients " \
+           "show the fallback (record them with render --record)\n" in result.stdout
+
+
+def test_a_fixtures_folder_that_is_not_there_stops_before_anything(tmp_path: Path) -> None:
+    campaign, _ = make(tmp_path / "c")
+    for command in (["check", campaign], ["render", campaign, "--out", tmp_path / "out"]):
+        result = invoke(*command, "--replay", tmp_path / "nowhere")
+        assert result.exit_code == 1
+        assert result.stderr == f"Error: {tmp_path / 'nowhere'}: no fixtures folder here; record one with --record " \
+                                f"{tmp_path / 'nowhere'}\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_sample_is_deterministic_and_only_picks_ids(tmp_path: Path) -> None:

@@ -134,6 +134,7 @@ def test_live_block_with_an_empty_or_no_fallback() -> None:
 
 
 def test_every_rule_is_tested_here() -> None:
+    """(render and fixtures come from the run, not a message: tests/test_check.py has them.)"""
     source = open(__file__, encoding="utf-8").read()
-    untested = [rule for rule in RULES if rule != "render" and f'"{rule}"' not in source.split("def test_every")[0]]
+    untested = [rule for rule in RULES if rule not in ("render", "fixtures") and f'"{rule}"' not in source.split("def test_every")[0]]
     assert untested == []
