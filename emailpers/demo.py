@@ -25,7 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from emailpers.campaign import Campaign, load_campaign
 from emailpers.errors import CampaignError
-from emailpers.fixtures import encode_fixture, fixture_path
+from emailpers.fixtures import encode_fixture, fixture_key, fixture_path
 from emailpers.http import Response
 from emailpers.pipeline import RunOptions, render_campaign
 
@@ -158,22 +158,24 @@ def run_demo(out: Path) -> Iterator[tuple[str, dict[str, Any], Path]]:
 def write_fixtures(campaign: Campaign, data: dict[str, Any], folder: Path) -> list[Path]:
     """The sample API's answers as fixtures under the campaign's own URLs
     (what `render --record` would save there): a user whose API is slow
-    gets none (a timeout records nothing), one that always fails a 500."""
+    gets a timeout fixture, one that always fails a 500."""
     written = []
     behaviours: dict[str, str] = data.get("behaviours", {})
     for source in campaign.sources.values():
         kind = source.url.rstrip("/").rpartition("/")[2]
         for user_id in data["users"]:
             behaviour = behaviours.get(user_id) if kind == "cart" else None
-            if behaviour == "slow":
+            url = source.url.replace("{{ id }}", user_id)
+            target = fixture_path(folder, "GET", url)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if behaviour == "slow":  # answers after the timeout: replayed as a timeout
+                target.write_text(json.dumps({"request": fixture_key("GET", url), "timeout": True}, indent=2) + "\n")
+                written.append(target)
                 continue
             status, body = (500, {"error": "internal error"}) if behaviour == "error500" else answer(
                 data["users"], user_id, kind)
-            url = source.url.replace("{{ id }}", user_id)
             response = Response(status, CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"})),
                                 json.dumps(body).encode())
-            target = fixture_path(folder, "GET", url)
-            target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(encode_fixture("GET", url, response))
             written.append(target)
     return written

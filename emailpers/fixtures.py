@@ -95,9 +95,16 @@ def encode_fixture(method: str, url: str, response: Response) -> bytes:
 
 def decode_fixture(path: Path) -> Response:
     """A fixture file as the Response it stands for; a file a person broke is a
-    NoFixture naming the file and what is wrong."""
+    NoFixture naming the file and what is wrong. `{"timeout": true}` stands for
+    a request that never got an answer: it raises TimeoutError, as the wait would."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
+        timeout = isinstance(record, dict) and record.get("timeout") is True
+    except (OSError, ValueError) as exc:
+        raise NoFixture(f"unusable fixture: {path}: {exc}") from None
+    if timeout:
+        raise TimeoutError
+    try:
         status = record["status"]
         if not isinstance(status, int) or not 100 <= status <= 599:
             raise ValueError(f"status must be an HTTP status number, got {status!r}")
@@ -110,7 +117,7 @@ def decode_fixture(path: Path) -> Response:
         else:
             raise ValueError('no body: give "json", "text" or "base64"')
         headers = CIMultiDict({str(k): str(v) for k, v in dict(record.get("headers") or {}).items()})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise NoFixture(f"unusable fixture: {path}: {exc}") from None
     return Response(status, CIMultiDictProxy(headers), body)
 

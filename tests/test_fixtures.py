@@ -99,6 +99,7 @@ def test_a_fixture_edited_by_hand_replays_and_a_broken_one_is_named(tmp_path: Pa
     good.write_text(json.dumps({"status": 200, "json": {"products": ["Edited"]}}))
     broken = fixture_path(fixtures, "GET", "http://127.0.0.1:9/users/u2/cart")
     broken.write_text("{not json")
+    fixture_path(fixtures, "GET", "http://127.0.0.1:9/users/u3/cart").write_text('{"timeout": true}')
 
     result = render(campaign, tmp_path / "out", "--replay", fixtures, "--format", "html")
 
@@ -108,6 +109,9 @@ def test_a_fixture_edited_by_hand_replays_and_a_broken_one_is_named(tmp_path: Pa
     assert "Cart: Edited" in (tmp_path / "out" / entries["u1"]["files"][0]).read_text()
     assert entries["u2"]["status"] == "fallback"
     assert f"unusable fixture: {broken}" in json.dumps(entries["u2"]["sources"]["shop"])
+    assert entries["u3"]["status"] == "fallback"
+    assert (entries["u3"]["sources"]["shop"]["outcome"], entries["u3"]["sources"]["shop"]["error"]) == (
+        "timeout", "no answer within 2s")
 
 
 def test_the_port_is_not_part_of_a_fixtures_key() -> None:
