@@ -161,6 +161,14 @@ class Amp:
 
 
 @dataclass(frozen=True)
+class PreviewConfig:
+    """[preview]: what `check` and `preview` use when no flag says otherwise."""
+
+    fixtures: Path | None = None  # a folder of recorded answers (it may not exist yet)
+    recipients: Path | None = None  # a small recipient file for previews
+
+
+@dataclass(frozen=True)
 class Campaign:
     path: Path  # the TOML file
     name: str
@@ -177,6 +185,7 @@ class Campaign:
     unsubscribe: Unsubscribe | None = None
     dkim: Dkim | None = None
     amp: Amp | None = None
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
 
     @property
     def root(self) -> Path:
@@ -351,7 +360,7 @@ def load_campaign(
         raise CampaignError(f"{path}: not valid TOML: {exc}") from None
     loader = _Loader(path, text, need_secrets, os.environ if env is None else env)
     top = _Table(loader, data, "campaign file")
-    top.no_unknown({"campaign", "recipients", "sources", "auth", "send"})
+    top.no_unknown({"campaign", "recipients", "sources", "auth", "send", "preview"})
 
     c = _Table(loader, top.get("campaign", dict, required=True), "[campaign]")
     c.no_unknown({
@@ -398,6 +407,17 @@ def load_campaign(
         unsubscribe=_load_unsubscribe(loader, c),
         dkim=_load_dkim(loader, _Table(loader, top.get("send", dict, {}), "[send]")),
         amp=_load_amp(loader, c),
+        preview=_load_preview(loader, top.get("preview", dict, {})),
+    )
+
+
+def _load_preview(loader: _Loader, value: Any) -> PreviewConfig:
+    p = _Table(loader, value, "[preview]")
+    p.no_unknown({"fixtures", "recipients"})
+    fixtures = p.get("fixtures", str)
+    return PreviewConfig(
+        fixtures=None if fixtures is None else (loader.path.parent / fixtures).resolve(),
+        recipients=loader.file(p, "recipients", required=False),
     )
 
 

@@ -23,6 +23,7 @@ from emailpers.cache import ResponseCache
 from emailpers.campaign import Campaign, load_campaign
 from emailpers.dkimsign import load_signer
 from emailpers.errors import CampaignError, EmailpersError, Interrupted
+from emailpers.fixtures import check_fixtures_folder
 from emailpers.output import FORMATS
 from emailpers.pipeline import (
     DEFAULT_CONCURRENCY,
@@ -49,7 +50,10 @@ from emailpers.send import send_messages
 from emailpers.sendreport import send_exit_code, send_summary
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# auto_envvar_prefix: every option can also come from EMAILPERS_<COMMAND>_<OPTION>
+# (EMAILPERS_RENDER_CONCURRENCY=8, EMAILPERS_CACHE_WARM_CONCURRENCY=8).
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
+                               "auto_envvar_prefix": "EMAILPERS"})
 @click.version_option(__version__, prog_name="emailpers")
 def cli() -> None:
     """Render personalised emails with live API data, moments before the send.
@@ -65,6 +69,13 @@ def cli() -> None:
     recipient in the manifest failed (or --max-failures stopped the run),
     4 stopped early by --max-error-rate, 130 and 143 stopped by SIGINT
     (Ctrl-C) and SIGTERM: rerun to resume.
+
+    Every option can also be set as EMAILPERS_<COMMAND>_<OPTION>, e.g.
+    EMAILPERS_RENDER_CONCURRENCY=8.
+
+    \b
+    Example:
+      emailpers render templates/campaign.toml --out out/
     """
 
 
@@ -185,6 +196,17 @@ _cache_dir_option = click.option(
 )
 
 
+def _log_request(line: str) -> None:
+    click.echo(line, err=True)
+
+
+_record_option = click.option(
+    "--record", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+    help="Save every answer the APIs give as a JSON fixture in DIR (one file per request; no credentials), "
+         "for --replay. The cache is neither read nor written.",
+)
+
+
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by `render` and `cache warm`."""
     for option in reversed(
@@ -199,6 +221,10 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
                          help="Stop (exit 4) when more than this share of a source's last 200 fetches failed; "
                               "1 never stops."),
             click.option("--progress/--no-progress", default=True, help="Progress bar on a terminal."),
+            click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (the report) instead."),
+            click.option("-q", "--quiet", is_flag=True, help="Print errors only (cron mails every line printed)."),
+            click.option("-v", "--verbose", is_flag=True,
+                         help="Print each request on stderr: method, URL, status (or error) and time."),
         ]
     ):
         func = option(func)
@@ -226,6 +252,10 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
               help="Stop (exit 3) once N recipients failed in this run.")
 @click.option("--amp-unvalidated", is_flag=True,
               help="Send the amp_template's AMP part without the AMP validator (the manifest says so).")
+@_record_option
+@click.option("--replay", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Answer every request from the fixtures in DIR (see --record): no network, no API secrets. "
+                   "A request with no fixture is an error for that source (its fallback).")
 def render(
     campaign_file: Path,
     out: Path,
@@ -235,6 +265,9 @@ def render(
     cache_dir: Path | None,
     max_error_rate: float | None,
     progress: bool,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
     workers: int | None,
     no_cache: bool,
     offline: bool,
@@ -242,19 +275,31 @@ def render(
     redo: frozenset[str],
     max_failures: int | None,
     amp_unvalidated: bool,
+    record: Path | None,
+    replay: Path | None,
 ) -> None:
     """Render CAMPAIGN (a .toml file) for every recipient into --out.
 
     Running the same command again on the same --out resumes: recipients
     already in the manifest are not done again.
+
+    \b
+    Examples:
+      emailpers render templates/campaign.toml --out out/
+      emailpers render templates/campaign.toml --out out/ --replay fixtures/ --json
     """
     if no_cache and offline:
         raise click.UsageError("--offline reads the cache; it cannot be combined with --no-cache")
     if fresh and redo:
         raise click.UsageError("--redo does part of an earlier run again; --fresh starts over: choose one")
+    if sum((offline, record is not None, replay is not None)) > 1:
+        raise click.UsageError("--offline, --record and --replay each choose where answers come from: choose one")
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
-        # Offline, nothing is sent: the API secrets are not needed.
-        campaign = load_campaign(campaign_file, path, recipients_label=label, need_secrets=not offline)
+        if replay is not None:
+            check_fixtures_folder(replay)
+        # Offline or replayed, nothing is sent: the API secrets are not needed.
+        campaign = load_campaign(campaign_file, path, recipients_label=label,
+                                 need_secrets=not (offline or replay is not None))
         if amp_unvalidated and campaign.amp is not None:
             campaign = replace(campaign, amp=replace(campaign.amp, validate=False))
         options = RunOptions(
@@ -269,11 +314,17 @@ def render(
             max_error_rate=max_error_rate,
             max_failures=max_failures,
             redo=redo,
+            record=record,
+            replay=replay,
+            log_request=_log_request if verbose else None,
         )
-        with _progress(campaign, progress) as update:
+        with _progress(campaign, progress and not quiet) as update:
             report = render_campaign(campaign, options, update)
-    click.echo(summary(report))
-    click.echo(f"Output: {out}/ (manifest.jsonl, report.json, messages/)")
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    elif not quiet:
+        click.echo(summary(report))
+        click.echo(f"Output: {out}/ (manifest.jsonl, report.json, messages/)")
     if report.failed_earlier:
         click.echo(f"{report.failed_earlier} recipients failed in an earlier run; --redo failed does them again", err=True)
     sys.exit(report.exit_code)
@@ -281,12 +332,18 @@ def render(
 
 @cli.group()
 def cache() -> None:
-    """Warm, inspect or clear a campaign's response cache."""
+    """Warm, inspect or clear a campaign's response cache.
+
+    \b
+    Example:
+      emailpers cache stats templates/campaign.toml
+    """
 
 
 @cache.command("warm")
 @click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
 @run_options
+@_record_option
 def cache_warm(
     campaign_file: Path,
     recipients: Path | None,
@@ -294,19 +351,31 @@ def cache_warm(
     cache_dir: Path | None,
     max_error_rate: float | None,
     progress: bool,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
+    record: Path | None,
 ) -> None:
     """Fetch every recipient's data into the cache, render nothing.
 
     Run it shortly before the send (within the sources' cache_ttl) so the
     render itself reads the cache. Exit 3 when some recipient's data could
     not be fetched.
+
+    \b
+    Example, minutes before the send:
+      emailpers cache warm templates/campaign.toml && emailpers render templates/campaign.toml --out out/
     """
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
         campaign = load_campaign(campaign_file, path, recipients_label=label)
-        options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate)
-        with _progress(campaign, progress, "Warming") as update:
+        options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate,
+                             record=record, log_request=_log_request if verbose else None)
+        with _progress(campaign, progress and not quiet, "Warming") as update:
             report = warm_cache(campaign, options, update)
-    click.echo(summary(report))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    elif not quiet:
+        click.echo(summary(report))
     sys.exit(report.exit_code)
 
 
@@ -323,7 +392,12 @@ def _open_cache(campaign_file: Path, cache_dir: Path | None) -> tuple[Campaign, 
 @_cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def cache_stats(campaign_file: Path, cache_dir: Path | None, as_json: bool) -> None:
-    """Entries, size on disk and age of the cache, per source."""
+    """Entries, size on disk and age of the cache, per source.
+
+    \b
+    Example:
+      emailpers cache stats templates/campaign.toml --json
+    """
     with _errors():
         _, store = _open_cache(campaign_file, cache_dir)
         stats = store.stats()
@@ -342,7 +416,12 @@ def cache_stats(campaign_file: Path, cache_dir: Path | None, as_json: bool) -> N
 @_cache_dir_option
 @click.option("--source", help="Clear only this source's entries.")
 def cache_clear(campaign_file: Path, cache_dir: Path | None, source: str | None) -> None:
-    """Remove cached responses (all, or one source's)."""
+    """Remove cached responses (all, or one source's).
+
+    \b
+    Example:
+      emailpers cache clear templates/campaign.toml --source cart
+    """
     with _errors():
         campaign, store = _open_cache(campaign_file, cache_dir)
         if source is not None and source not in campaign.sources:
@@ -403,6 +482,10 @@ def send(
     is not yet sent or rejected. Exit 0 when every message is sent, 3 when some
     are rejected, deferred or unknown, 1 on an error, 130/143 after SIGINT/SIGTERM
     (the transactions in flight finish first).
+
+    \b
+    Example:
+      emailpers send out/ --smtp smtp://email-smtp.eu-west-1.amazonaws.com:587 --rate 14
     """
     with _errors():
         signer = None
@@ -427,18 +510,179 @@ def send(
     sys.exit(send_exit_code(report))
 
 
+def _sample_campaign(
+    campaign_file: Path, recipients: Path | None, replay: Path | None, offline: bool
+) -> tuple[Campaign, Path | None]:
+    """`check` and `preview`: the campaign on the recipients to sample, and the
+    fixtures to replay; [preview] gives what no flag does. Only live APIs need secrets."""
+    campaign = load_campaign(campaign_file, recipients, need_secrets=False)
+    recipients = recipients or campaign.preview.recipients
+    replay = replay if replay is not None or offline else campaign.preview.fixtures
+    live = replay is None and not offline
+    if replay is not None:
+        check_fixtures_folder(replay)
+    if recipients is not None or live:
+        campaign = load_campaign(campaign_file, recipients, need_secrets=live)
+    return campaign, replay
+
+
+def _ids(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(i.strip() for i in (value or "").split(",") if i.strip()))
+
+
+@cli.command()
+@click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--sample", "size", type=click.IntRange(1), default=20, show_default=True, metavar="N",
+              help="Recipients to render and lint, chosen by a hash of their id: the same ones every run.")
+@click.option("--only", callback=_ids, metavar="ID[,ID]", help="Check these recipients instead of a sample.")
+@click.option("--recipients", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipient file to sample [default: [preview] recipients, else [recipients] path].")
+@click.option("--replay", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Data from these fixtures (see render --record) [default: [preview] fixtures]; no secrets needed.")
+@click.option("--offline", is_flag=True, help="Data from the cache only; no network, no secrets.")
+@_cache_dir_option
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the rendered sample here [default: a temporary folder, removed].")
+@click.option("--strict", is_flag=True, help="Warnings fail the check too.")
+@click.option("--format", "output", type=click.Choice(["text", "github"]), default="text", show_default=True,
+              help="github: GitHub Actions annotations (::error file=...,line=...::), on the pull request's lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def check(
+    campaign_file: Path,
+    size: int,
+    only: tuple[str, ...],
+    recipients: Path | None,
+    replay: Path | None,
+    offline: bool,
+    cache_dir: Path | None,
+    out: Path | None,
+    strict: bool,
+    output: str,
+    as_json: bool,
+) -> None:
+    """Render a sample of CAMPAIGN and lint it; exit 1 on errors.
+
+    Checks the campaign as render does, renders --sample recipients (from
+    fixtures, the cache, or the live APIs), then lints the templates and each
+    message: Gmail's 102 KB clip, MJML tags and attributes, merge tags left in,
+    empty values, images and links, unsubscribe headers, From, subject,
+    preheader, the text part, {% live %} blocks without a fallback.
+
+    \b
+    Example, in CI with recorded fixtures:
+      emailpers check templates/campaign.toml --replay fixtures/ --format github
+    """
+    import tempfile
+
+    from emailpers.sample import check_sample, github_lines, json_value, text_lines
+
+    if replay is not None and offline:
+        raise click.UsageError("--replay and --offline each choose where the data comes from: choose one")
+    with _errors():
+        campaign, replay = _sample_campaign(campaign_file, recipients, replay, offline)
+        with tempfile.TemporaryDirectory(prefix="emailpers-check-") as temporary:
+            result = check_sample(campaign, out or Path(temporary), size=size, only=only, replay=replay,
+                                  offline=offline, cache_dir=cache_dir)
+    if as_json:
+        click.echo(json.dumps(json_value(result), indent=2))
+    else:
+        lines = text_lines(result)
+        for line in (github_lines(result) + lines[-1:]) if output == "github" else lines:
+            click.echo(line)
+    sys.exit(1 if result.failed(strict) else 0)  # 1: findings that fail the build
+
+
+@cli.command()
+@click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Gallery folder: index.html, emails/, screenshots/.")
+@click.option("--sample", "size", type=click.IntRange(1), default=20, show_default=True, metavar="N",
+              help="Recipients to show, chosen as `check` chooses them.")
+@click.option("--only", callback=_ids, metavar="ID[,ID]", help="Show these recipients instead of a sample.")
+@click.option("--recipients", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipient file to sample [default: [preview] recipients, else [recipients] path].")
+@click.option("--replay", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Data from these fixtures [default: [preview] fixtures]; no secrets needed.")
+@click.option("--offline", is_flag=True, help="Data from the cache only; no network, no secrets.")
+@_cache_dir_option
+@click.option("--screenshots", is_flag=True, help="Also PNGs of every email at 600 and 375 px, in headless Chromium.")
+@click.option("--open", "open_", is_flag=True, help="Open index.html in the default browser.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def preview(
+    campaign_file: Path,
+    out: Path,
+    size: int,
+    only: tuple[str, ...],
+    recipients: Path | None,
+    replay: Path | None,
+    offline: bool,
+    cache_dir: Path | None,
+    screenshots: bool,
+    open_: bool,
+    as_json: bool,
+) -> None:
+    """Write a gallery of CAMPAIGN: each sampled recipient in each data state.
+
+    For each recipient: the email as its data came (live), with each source
+    failed (every {% live %} block shows its fallback), and the whole-email
+    fallback_template; at 600 and 375 px, with subject, preheader, From, size
+    against Gmail's clip, the text part, why blocks fell back, and lint
+    findings. OUT/index.html is one file: no server, no CDN.
+
+    \b
+    Example, in CI with recorded fixtures:
+      emailpers preview templates/campaign.toml --replay fixtures/ --out preview/
+    """
+    from emailpers.preview import build_gallery, dump, summary_json
+    from emailpers.sample import sample_rows
+
+    if replay is not None and offline:
+        raise click.UsageError("--replay and --offline each choose where the data comes from: choose one")
+    with _errors():
+        campaign, replay = _sample_campaign(campaign_file, recipients, replay, offline)
+        gallery = build_gallery(campaign, sample_rows(campaign, size, only), out, replay=replay, offline=offline,
+                                cache_dir=cache_dir)
+        shots = []
+        if screenshots:
+            from emailpers.browser import screenshots as take
+            from emailpers.preview import WIDTHS
+
+            shots = take(gallery.emails, out / "screenshots", WIDTHS)
+    if as_json:
+        click.echo(dump({**summary_json(gallery), "screenshots": len(shots)}))
+    else:
+        value = summary_json(gallery)
+        click.echo(f"Preview of {len(value['recipients'])} recipients in {len(value['states'])} data states: "
+                   f"{value['emails']} emails, {value['findings']} lint findings"
+                   + (f", {len(shots)} screenshots" if screenshots else "") + f" -> {gallery.index}")
+        for item in value["not_rendered"]:
+            click.echo(f"  not rendered: {item}")
+    if open_:
+        click.launch(str(gallery.index))
+
+
 @cli.command()
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
-              show_default=True, help="Output folder for the demo's emails.")
-def demo(out: Path) -> None:
+              show_default=True, help="Output folder for the demo's emails (with --serve: the campaign's copy).")
+@click.option("--serve", is_flag=True,
+              help="Keep the sample API running, with a copy of the campaign pointing at it, and print commands to try.")
+def demo(out: Path, serve: bool) -> None:
     """Render the sample campaign against a sample API started on loopback.
 
     The sample API has realistic latency and a few deliberate failures (a user
     slower than the timeout, a 500, a flaky one that succeeds on retry). The
     campaign runs twice: cold, then again on the warm cache.
+
+    \b
+    Examples:
+      emailpers demo
+      emailpers demo --serve --out try-it    (Ctrl-C stops the API)
     """
     from emailpers.demo import run_demo
 
+    if serve:
+        _serve_demo(out)
+        return
     with _errors():
         for title, report, folder in run_demo(out):
             click.echo(f"\n== {title} -> {folder}")
@@ -448,14 +692,24 @@ def demo(out: Path) -> None:
 
 @cli.group("amp")
 def amp_group() -> None:
-    """AMP for Email: the AMP validator that checks every amp_template part."""
+    """AMP for Email: the AMP validator that checks every amp_template part.
+
+    \b
+    Example:
+      emailpers amp where || emailpers amp fetch-validator
+    """
 
 
 @amp_group.command("fetch-validator")
 @click.option("--to", "dest", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write validator_wasm.js [default: the cache, see `emailpers amp where`].")
 def amp_fetch_validator(dest: Path | None) -> None:
-    """Download the AMP validator (validator_wasm.js) with npm and check its SHA-256."""
+    """Download the AMP validator (validator_wasm.js) with npm and check its SHA-256.
+
+    \b
+    Example:
+      emailpers amp fetch-validator
+    """
     from emailpers.amp import VALIDATOR_PACKAGE, fetch_validator
 
     with _errors():
@@ -465,11 +719,66 @@ def amp_fetch_validator(dest: Path | None) -> None:
 
 @amp_group.command("where")
 def amp_where() -> None:
-    """Print the AMP validator file render would use (exit 1 when there is none)."""
+    """Print the AMP validator file render would use (exit 1 when there is none).
+
+    \b
+    Example:
+      emailpers amp where
+    """
     from emailpers.amp import check_available
 
     with _errors():
         click.echo(check_available())
+
+
+def _serve_demo(folder: Path) -> None:
+    import json as json_module
+
+    from emailpers.demo import DEMO_KEY, DEMO_TOKEN, SampleAPI, project_root, serve_copy
+
+    with _errors():
+        fixtures = json_module.loads((project_root() / "sample_data" / "api.json").read_text(encoding="utf-8"))
+        api = SampleAPI(fixtures)
+    with api:
+        with _errors():
+            campaign = serve_copy(api, folder)
+        c = str(campaign)
+        click.echo(f"Sample API on {api.origin} (Ctrl-C stops it); the campaign's copy, pointing there: {c}\n")
+        for line in (
+            f"export SHOP_API_TOKEN={DEMO_TOKEN} SHOP_API_KEY={DEMO_KEY}",
+            f"emailpers render {c} --out {folder}/out",
+            f"emailpers cache warm {c}",
+            f"emailpers render {c} --out {folder}/offline --offline",
+            f"emailpers render {c} --out {folder}/recorded --record {folder}/fixtures",
+            f"emailpers check {c}",
+            f"emailpers check {c} --replay {folder}/fixtures --format github",
+            f"emailpers preview {c} --out {folder}/preview --open",
+        ):
+            click.echo(f"  {line}")
+        sys.stdout.flush()
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            click.echo("Sample API stopped.")
+
+
+def _name_env_vars(group: click.Group, prefix: tuple[str, ...] = ("EMAILPERS",)) -> None:
+    """auto_envvar_prefix names a variable after the parameter (`formats`,
+    `as_json`); where that differs from the option a person types, name it
+    after the option: EMAILPERS_RENDER_FORMAT, EMAILPERS_RENDER_JSON."""
+    for name, command in group.commands.items():
+        path = (*prefix, name.upper().replace("-", "_"))
+        if isinstance(command, click.Group):
+            _name_env_vars(command, path)
+            continue
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar is None:
+                flag = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+                if flag != (param.name or "").upper():
+                    param.envvar = "_".join((*path, flag))
+
+
+_name_env_vars(cli)
 
 
 def main() -> None:

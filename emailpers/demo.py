@@ -21,9 +21,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from emailpers.amp import cors_headers, verify_request
 from emailpers.campaign import Campaign, load_campaign
 from emailpers.errors import CampaignError
+from emailpers.fixtures import encode_fixture, fixture_key, fixture_path
+from emailpers.http import Response
 from emailpers.pipeline import RunOptions, render_campaign
 from emailpers.report import Report
 
@@ -36,15 +40,27 @@ _ROUTE = re.compile(r"^/v1/users/([^/]+)/(cart|loyalty)$")
 
 
 def project_root() -> Path:
-    """The checkout holding templates/ and sample_data/ (editable install or
-    a run from the checkout)."""
-    for candidate in (Path(__file__).resolve().parent.parent, Path.cwd()):
+    """The folder holding templates/ and sample_data/: the checkout (a run
+    from it, or an editable install), else the copy installed inside the
+    package (pyproject.toml maps them there)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent, here / "sample_campaign"):
         if (candidate / "templates" / "campaign.toml").is_file() and (candidate / "sample_data").is_dir():
             return candidate
     raise CampaignError(
-        "the sample campaign (templates/campaign.toml, sample_data/) was not found; "
-        "run the demo from the emailpers checkout after `pip install -e .`"
+        f"the sample campaign (templates/campaign.toml, sample_data/) is missing from {here / 'sample_campaign'}; "
+        "reinstall emailpers"
     )
+
+
+def answer(users: dict[str, Any], user_id: str, kind: str) -> tuple[int, Any]:
+    """The status and body of a user's cart or loyalty answer, once it succeeds."""
+    user = users.get(user_id)
+    if user is None:
+        return 404, {"error": f"no user {user_id}"}
+    if kind == "cart":
+        return 200, {k: v for k, v in user.items() if k not in ("loyalty_points", "tier")}
+    return 200, {"user_id": user_id, "points": user["loyalty_points"], "tier": user["tier"]}
 
 
 class _Server(ThreadingHTTPServer):
@@ -107,14 +123,7 @@ class SampleAPI:
             time.sleep(self.slow_seconds)
         if behaviour == "error500" or (behaviour == "flaky" and hits == 1):
             return self._send(request, 500, {"error": "internal error"})
-        user = self.users.get(user_id)
-        if user is None:
-            return self._send(request, 404, {"error": f"no user {user_id}"})
-        if kind == "cart":
-            body = {k: v for k, v in user.items() if k not in ("loyalty_points", "tier")}
-        else:
-            body = {"user_id": user_id, "points": user["loyalty_points"], "tier": user["tier"]}
-        self._send(request, 200, body)
+        self._send(request, *answer(self.users, user_id, kind))
 
     def amp_cart(self, request: BaseHTTPRequestHandler, query: str) -> None:
         """The open-time endpoint: the cart of the recipient the link was signed
@@ -167,3 +176,44 @@ def run_demo(out: Path) -> Iterator[tuple[str, Report, Path]]:
         for title, folder in runs:
             options = RunOptions(out=folder, cache_dir=cache_dir, fresh=True, workers=0)
             yield title, render_campaign(campaign, options), folder
+
+
+def write_fixtures(campaign: Campaign, data: dict[str, Any], folder: Path) -> list[Path]:
+    """The sample API's answers as fixtures under the campaign's own URLs
+    (what `render --record` would save there): a user whose API is slow
+    gets a timeout fixture, one that always fails a 500."""
+    written = []
+    behaviours: dict[str, str] = data.get("behaviours", {})
+    for source in campaign.sources.values():
+        kind = source.url.rstrip("/").rpartition("/")[2]
+        for user_id in data["users"]:
+            behaviour = behaviours.get(user_id) if kind == "cart" else None
+            url = source.url.replace("{{ id }}", user_id)
+            target = fixture_path(folder, "GET", url)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if behaviour == "slow":  # answers after the timeout: replayed as a timeout
+                target.write_text(json.dumps({"request": fixture_key("GET", url), "timeout": True}, indent=2) + "\n")
+                written.append(target)
+                continue
+            status, body = (500, {"error": "internal error"}) if behaviour == "error500" else answer(
+                data["users"], user_id, kind)
+            response = Response(status, CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"})),
+                                json.dumps(body).encode())
+            target.write_bytes(encode_fixture("GET", url, response))
+            written.append(target)
+    return written
+
+
+def serve_copy(api: SampleAPI, folder: Path) -> Path:
+    """A copy of the sample campaign in `folder` whose URLs point at `api`,
+    for trying commands by hand (`demo --serve`); returns its campaign file."""
+    root = project_root()
+    for name in ("templates", "sample_data"):
+        shutil.rmtree(folder / name, ignore_errors=True)
+        shutil.copytree(root / name, folder / name, ignore=shutil.ignore_patterns("fixtures"))
+    path = folder / "templates" / "campaign.toml"
+    text = path.read_text(encoding="utf-8").replace("https://api.shop.example", api.origin)
+    # Its fixtures answer for api.shop.example, not for this API: check and preview go live here.
+    text = text.replace('fixtures = "../sample_data/fixtures"\n', "")
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -5,6 +5,7 @@
     │   └── RecipientListError     the recipient list as a whole is unusable (found before any request)
     ├── OutputError                the output folder cannot be used, or the disk refused a write (exit 1)
     ├── CacheError                 the cache folder cannot be used (exit 1)
+    ├── BrowserError               preview --screenshots found no usable Chromium (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
     ├── SendError                  `send` cannot start or go on: relay, TLS, login, folder (exit 1)
@@ -36,6 +37,10 @@ class EmailpersError(Exception):
     exit_code = 1
     report: Report | None = None  # a run that stopped: its report (and exit code), set as the error leaves it
     send_report: dict[str, Any] | None = None  # a send that stopped: its send-report.json
+
+
+class BrowserError(EmailpersError):
+    """No headless Chromium (or Playwright) to take screenshots with."""
 
 
 class CampaignError(EmailpersError):

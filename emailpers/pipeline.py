@@ -29,6 +29,7 @@ from emailpers.checks import check_campaign
 from emailpers.compose import Composer, compose_chunk, init_process
 from emailpers.errors import EmailpersError, Interrupted, OutputError, RenderProcessDied
 from emailpers.fetch import Fetched, Fetcher, SourceStats
+from emailpers.fixtures import LoggingClient, RecordingClient, ReplayClient
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
 from emailpers.outcome import Outcome, RenderRequest, RenderResult, SourceResult, decide
@@ -67,6 +68,11 @@ class RunOptions:
     max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE  # None or 1: never stop on errors
     max_failures: int | None = None  # stop once this many recipients failed in this run
     redo: frozenset[str] = field(default_factory=frozenset)  # statuses to do again on resume
+    # Fixtures (emailpers.fixtures): save every answer into this folder, or answer
+    # from it with no network. Either way the cache is neither read nor written.
+    record: Path | None = None
+    replay: Path | None = None
+    log_request: Callable[[str], None] | None = None  # -v: one line per request (method, URL, status, time)
 
 
 def default_workers() -> int:
@@ -79,6 +85,16 @@ def cache_directory(campaign: Campaign, options: RunOptions) -> Path:
 
 def make_client(concurrency: int) -> HttpClient:
     return HttpClient(max_connections=concurrency * 2)
+
+
+def run_client(options: RunOptions) -> HttpClient:
+    """The run's client: the network, the network with every answer recorded, or the fixtures."""
+    if options.replay is not None:
+        client: HttpClient = ReplayClient(options.replay)
+    else:
+        client = make_client(options.concurrency)
+        client = RecordingClient(client, options.record) if options.record is not None else client
+    return LoggingClient(client, options.log_request) if options.log_request is not None else client
 
 
 # -- the run ------------------------------------------------------------------------
@@ -173,7 +189,8 @@ class Run:
         cache = pool = None
         running = False  # past the checks that keep a run from starting: from here on, a report
         try:
-            if self.options.use_cache or self.options.offline:
+            fixtures = self.options.record is not None or self.options.replay is not None
+            if (self.options.use_cache or self.options.offline) and not fixtures:
                 # First: an unusable cache folder stops the run before --fresh clears anything.
                 cache = ResponseCache(cache_directory(self.campaign, self.options), clock=self.timing.wall_clock)
             if out is not None and self.job is not None:
@@ -316,7 +333,7 @@ class Run:
                     ) from None
 
             self.render_queue = Batcher(RENDER_CHUNK, RENDER_LINGER, render_chunk)
-        async with make_client(options.concurrency) as client:
+        async with run_client(options) as client:
             fetcher = Fetcher(
                 self.campaign, client, cache, offline=options.offline, concurrency=options.concurrency, timing=self.timing
             )
