@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from advanced_servers import Api, Request, Response, running
 from click.testing import CliRunner, Result
 
 from emailpers.cli import cli
+
+from advanced_servers import Api, Request, Response, running
 
 # -- the loopback API ------------------------------------------------------------
 
@@ -221,7 +222,8 @@ def manifest(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def report(out: Path) -> dict[str, Any]:
-    return json.loads((out / "report.json").read_text(encoding="utf-8"))
+    data: dict[str, Any] = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return data
 
 
 def parse_eml(path: Path) -> EmailMessage:

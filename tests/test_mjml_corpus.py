@@ -46,7 +46,7 @@ def test_official_template_renders_to_a_valid_eml(template: Path, tmp_path: Path
     assert result.exit_code == 0, result.output
     entries = manifest(out)
     assert {rid: e["status"] for rid, e in entries.items()} == {"m1": "rendered", "m2": "rendered"}, entries
-    for rid, person in zip(("m1", "m2"), PEOPLE):
+    for rid, person in zip(("m1", "m2"), PEOPLE, strict=True):
         message = eml_of(out, entries[rid])
         assert message.defects == []
         assert message["To"] == person["email"]

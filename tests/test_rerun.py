@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_resume import complete_lines, people
+
+from emailpers.output import file_stem
+from emailpers.sources import Fetched
+
 from advanced_servers import Api, Request, Response, running
 from conftest import (
     ScriptedAPI,
@@ -30,10 +35,6 @@ from conftest import (
     write_campaign,
     write_recipients,
 )
-from test_resume import complete_lines, people
-
-from emailpers.output import file_stem
-from emailpers.sources import Fetched
 
 
 def listed_files(out: Path) -> list[str]:

@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from advanced_servers import Api, Request, Response, TokenServer, running
 from emailpers.campaign import load_campaign
 from emailpers.cli import cli
 from emailpers.pipeline import make_client
 from emailpers.sources import Fetcher
+
+from advanced_servers import Api, Request, Response, TokenServer, running
 
 CITIES = ("Paris", "Lagos", "Lima")
 SOURCE_KEYS = {
@@ -94,7 +95,8 @@ def manifest(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def report(out: Path) -> dict[str, Any]:
-    return json.loads((out / "report.json").read_text())
+    data: dict[str, Any] = json.loads((out / "report.json").read_text())
+    return data
 
 
 def outcomes(out: Path, source: str) -> dict[str, str]:

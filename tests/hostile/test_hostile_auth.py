@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from advanced_servers import Api, LoopbackServer, Request, Response, running
 from test_sources_advanced import make_campaign, people, render
 
 from emailpers.auth import TOKEN_MAX_BYTES
 from emailpers.campaign import load_campaign
 from emailpers.errors import CampaignError
+
+from advanced_servers import Api, LoopbackServer, Request, Response, running
 
 
 @pytest.fixture
