@@ -49,8 +49,8 @@ DEFAULT_MAX_ERROR_RATE = 0.5
 HEALTH_WINDOW = 200  # a source's latest fetches judged by --max-error-rate
 HEALTH_MINIMUM = 20  # fetches before the guard may judge at all
 # Recipients go to the render processes in chunks: one pickle and one pipe
-# round trip for many. Per recipient, that overhead was ~0.2 ms of the main
-# process's time, which is the bottleneck of a run.
+# round trip for many: per recipient, that overhead was a real share of the
+# main process's time, which is the bottleneck of a run (README, Performance).
 RENDER_CHUNK = 32
 RENDER_LINGER = 0.005
 # After a stop (a signal, an error), recipients already in a render process

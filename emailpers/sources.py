@@ -450,7 +450,7 @@ class Fetcher:
         try:
             try:
                 # Most requests succeed at once: they skip the retry machinery
-                # (tenacity costs ~50 us a call, 8-10% of a cold run's main process).
+                # (tenacity's per-call cost was a visible share of a cold run's main process).
                 answer = await attempt()
             except (TransientError, FetchTimeout) as first:
                 failed: list[SourceError] = [first]
