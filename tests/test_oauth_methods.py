@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_sources_advanced import make_campaign, manifest, outcomes, people, render, report
 
 from emailpers.auth import TokenProvider
 from emailpers.campaign import Auth, load_campaign
@@ -24,6 +23,8 @@ from emailpers.errors import CampaignError
 from emailpers.http import HttpClient
 
 from advanced_servers import Api, Request, Response, running
+from conftest import make_campaign, manifest, outcomes, people, report
+from conftest import render_html as render
 from oauth_servers import OneMethodTokenServer, guard
 
 SECRETS = {
