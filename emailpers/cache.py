@@ -210,8 +210,8 @@ def _check_folder(directory: Path) -> None:
 
 class ResponseCache:
     """Writes are buffered and committed in batches, one SQLite transaction
-    each: 43 us a write instead of 157 us on the reference machine, where
-    cache writes were 18% of a cold render's main process. Reads see buffered
+    each: a commit per write made cache writes a large share of a cold
+    render's main process (figures: README, Performance). Reads see buffered
     writes; `close()` (or `flush()`) commits what is left.
 
     Opening checks the folder and raises CacheError when it cannot be used.

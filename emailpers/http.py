@@ -1,12 +1,11 @@
 """The HTTP client under the fetch layer: aiohttp's connection pool behind a
 small API of our own (GET with a body limit, a form or JSON POST for OAuth tokens).
 
-Why not httpx, the library this project started with: on the reference
-machine (2 cores, 20 ms loopback API, 64 requests in flight) httpx's own async
-pool made about 190 requests/s; httpx over an aiohttp transport made the
-fetch layer spend about as much CPU in httpx (request building, cookie
-handling, header merging) as in aiohttp itself, and a profile of a cold render
-put 13% of all its time there. See README, Performance, for the figures.
+Why not httpx, the library this project started with: httpx's own async pool
+made a fraction of aiohttp's request rate, and httpx over an aiohttp transport
+made the fetch layer spend about as much CPU in httpx (request building,
+cookie handling, header merging) as in aiohttp itself. See README,
+Performance, for the figures.
 
 This module is the only one that imports aiohttp: `_mapped_errors` turns its
 exceptions into our own (`ConnectionFailed`) in one place, as httpx's

@@ -69,8 +69,8 @@ def count_values(text: bytes, cap: int) -> int:
 def nests_deeper(text: bytes, depth: int) -> bool:
     """Whether a JSON text nests more than `depth` levels: with all but the
     brackets outside strings cut out, each pass drops the innermost `[]` and
-    `{}` pairs, so the passes it takes to empty them are the depth. 0.09 ms
-    for a 15 KB answer whose json.loads takes 0.2 ms."""
+    `{}` pairs, so the passes it takes to empty them are the depth. Done
+    before json.loads, and cheaper than it (README, Performance)."""
     if text.count(b"[") + text.count(b"{") <= depth:
         return False
     brackets = _outside_strings(text, None, _NOT_BRACKETS, b"")

@@ -44,8 +44,8 @@ from emailpers.unsubscribe import unsubscribe_token
 DEFAULT_CONCURRENCY = 32
 DEFAULT_MAX_ERROR_RATE = 0.5
 # Recipients go to the render processes in chunks: one pickle and one pipe
-# round trip for many. Per recipient, that overhead was ~0.2 ms of the main
-# process's time, which is the bottleneck of a run.
+# round trip for many: per recipient, that overhead was a real share of the
+# main process's time, which is the bottleneck of a run (README, Performance).
 RENDER_CHUNK = 32
 RENDER_LINGER = 0.005
 # After a stop (a signal, an error), recipients already in a render process

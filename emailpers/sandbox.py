@@ -188,7 +188,7 @@ class CampaignLoader(jinja2.BaseLoader):
 
 
 _size_cache = [0, 0]  # [renders left before the next reading, bytes]
-_SIZE_EVERY = 64  # renders between two readings of /proc (19 us each, 6% of a render)
+_SIZE_EVERY = 64  # renders between two readings of /proc (one per render was a visible share of it)
 
 
 def _process_size() -> int:

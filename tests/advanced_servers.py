@@ -92,6 +92,13 @@ class Api:
 
         return register
 
+    def echo(self, pattern: str, group: int = 1, headers: dict[str, str] | None = None, delay: float = 0.0) -> None:
+        """GET `pattern` answers 200 `{"user": <the pattern's group>}`."""
+
+        @self.route(pattern)
+        def _(request: Request, match: re.Match[str]) -> Response:
+            return Response(200, {"user": match.group(group)}, dict(headers or {}), delay)
+
     def seen(self, pattern: str = "", method: str = "GET") -> list[Request]:
         """Recorded requests whose path matches `pattern` (re.search)."""
         with self.lock:

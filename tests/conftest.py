@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from advanced_servers import Api, Request, Response, running
 from click.testing import CliRunner, Result
 
 from emailpers.cli import cli
+
+from advanced_servers import Api, Request, Response, running
 
 # -- the loopback API ------------------------------------------------------------
 
@@ -193,6 +194,36 @@ def write_campaign(
     return path
 
 
+# -- campaigns of the source tests: TOML text for the sources, one live block each --
+
+CITIES = ("Paris", "Lagos", "Lima")
+
+
+def people(n: int) -> list[dict[str, str]]:
+    return [
+        {"id": f"u{i}", "email": f"u{i}@example.com", "first_name": f"Name{i}", "city": CITIES[i % 3]}
+        for i in range(1, n + 1)
+    ]
+
+
+def make_campaign(tmp_path: Path, sources: str, rows: list[dict[str, str]], *, live: list[str]) -> Path:
+    """A campaign whose HTML template has one live block per name in `live`,
+    showing that source's JSON, with a static fallback."""
+    blocks = "\n".join(
+        f'{{% live "{n}" %}}<p id="{n}">{n}={{{{ {n}|tojson }}}}</p>{{% fallback %}}<p>{n} unavailable</p>{{% endlive %}}'
+        for n in live
+    )
+    (tmp_path / "email.html.j2").write_text(f"<html><body><p>Hi {{{{ first_name }}}}</p>\n{blocks}\n</body></html>\n")
+    lines = ["id,email,first_name,city", *(f"{r['id']},{r['email']},{r['first_name']},{r['city']}" for r in rows)]
+    (tmp_path / "recipients.csv").write_text("\n".join(lines) + "\n")
+    path = tmp_path / "campaign.toml"
+    path.write_text(
+        '[campaign]\nname = "adv"\ntemplate = "email.html.j2"\nsubject = "Hi {{ first_name }}"\n'
+        'from = "Shop <news@shop.example>"\n\n[recipients]\npath = "recipients.csv"\n\n' + sources
+    )
+    return path
+
+
 # -- running commands ---------------------------------------------------------------
 
 
@@ -203,6 +234,11 @@ def invoke(*args: str | Path) -> Result:
 
 def render(campaign: Path, out: Path, *args: str | Path, workers: int = 0) -> Result:
     return invoke("render", campaign, "--out", out, "--workers", str(workers), "--no-progress", *args)
+
+
+def render_html(campaign: Path, out: Path, *args: str | Path) -> Result:
+    """`render --format html`: the source tests read the .html of a message."""
+    return render(campaign, out, "--format", "html", *args)
 
 
 # -- reading the output ----------------------------------------------------------------
@@ -220,8 +256,13 @@ def manifest(out: Path) -> dict[str, dict[str, Any]]:
     return {entry["id"]: entry for entry in lines}
 
 
+def outcomes(out: Path, source: str) -> dict[str, str]:
+    return {rid: e["sources"][source]["outcome"] for rid, e in manifest(out).items()}
+
+
 def report(out: Path) -> dict[str, Any]:
-    return json.loads((out / "report.json").read_text(encoding="utf-8"))
+    data: dict[str, Any] = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return data
 
 
 def parse_eml(path: Path) -> EmailMessage:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
 from conftest import Behaviour, ScriptedAPI, manifest, parse_eml, parts, source, write_campaign
 
 SECRET = "s3cret-token-value-7f2c"  # the campaign's bearer token: it must never reach a render process

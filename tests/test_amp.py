@@ -17,11 +17,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import ScriptedAPI, eml_of, invoke, manifest, render, report, source, write_campaign
-from render_processes import Started, kill_all, people, render_processes, wait_mid_run
 
 from emailpers import amp
 from emailpers.demo import DEMO_AMP_KEY, DEMO_CAMPAIGN, DEMO_SENDER, SampleAPI
+
+from conftest import ScriptedAPI, eml_of, invoke, manifest, render, report, source, write_campaign
+from render_processes import Started, kill_all, people, render_processes, wait_mid_run
 
 HERE = Path(__file__).parent
 SAMPLE = (HERE / "amp" / "cart.amp.html.j2").read_text(encoding="utf-8")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import render, source, write_campaign
 from emailpers.campaign import DEFAULT_TIMEOUT, load_campaign
 from emailpers.errors import CampaignError
+
+from conftest import render, source, write_campaign
 
 CAMPAIGN_KEYS = (
     "amp_key_env, amp_template, amp_token_ttl, fallback_template, from, headers, name, preheader, render_deadline, "

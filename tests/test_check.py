@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import invoke, source, write_campaign
 
 from emailpers.fixtures import fixture_path
+
+from conftest import invoke, source, write_campaign
 
 URL = "http://127.0.0.1:9/users"
 TEMPLATE = """<html><body>
@@ -117,7 +118,8 @@ def test_a_missing_fixture_is_a_fallback_and_the_check_says_so(tmp_path: Path) -
 
 def test_a_fixtures_folder_that_is_not_there_stops_before_anything(tmp_path: Path) -> None:
     campaign, _ = make(tmp_path / "c")
-    for command in (["check", campaign], ["render", campaign, "--out", tmp_path / "out"]):
+    commands: list[list[str | Path]] = [["check", campaign], ["render", campaign, "--out", tmp_path / "out"]]
+    for command in commands:
         result = invoke(*command, "--replay", tmp_path / "nowhere")
         assert result.exit_code == 1
         assert result.stderr == f"Error: {tmp_path / 'nowhere'}: no fixtures folder here; record one with --record " \

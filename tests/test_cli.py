@@ -11,9 +11,10 @@ from pathlib import Path
 import click
 import pytest
 
-from conftest import ScriptedAPI, invoke, manifest, manifest_lines, parse_eml, render, report, source, write_campaign
 from emailpers import __version__
 from emailpers.cli import cli
+
+from conftest import ScriptedAPI, invoke, manifest, manifest_lines, parse_eml, render, report, source, write_campaign
 
 
 def commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:

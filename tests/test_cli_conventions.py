@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import ScriptedAPI, invoke, render, source, write_campaign
 
 from emailpers.cli import cli
+
+from conftest import ScriptedAPI, invoke, render, source, write_campaign
 
 
 def _campaign(tmp_path: Path, api: ScriptedAPI) -> Path:

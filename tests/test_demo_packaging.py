@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import invoke
 
 from emailpers.campaign import load_campaign
 from emailpers.demo import project_root, write_fixtures
+
+from conftest import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_demo_serve_prints_commands_that_work(tmp_path: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert demo.stdout is not None
-        lines = []
+        lines: list[str] = []
         while not lines or not lines[-1].startswith("  emailpers preview"):
             line = demo.stdout.readline()
             assert line, demo.stderr.read() if demo.stderr else ""

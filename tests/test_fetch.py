@@ -242,7 +242,7 @@ def test_offline_without_a_cache_sends_nothing(api: ScriptedAPI, tmp_path: Path)
     assert manifest(out)["r1"]["status"] == "fallback"
 
 
-def test_offline_does_not_even_fetch_an_oauth_token(api: ScriptedAPI, tmp_path: Path, monkeypatch) -> None:
+def test_offline_does_not_even_fetch_an_oauth_token(api: ScriptedAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMAILPERS_TEST_CLIENT_ID", "cid")
     monkeypatch.setenv("EMAILPERS_TEST_CLIENT_SECRET", "csecret")
     api.serve("/oauth/token", {"access_token": "t", "expires_in": 60})
@@ -350,7 +350,7 @@ def test_missing_url_field_is_a_fallback_not_a_request(api: ScriptedAPI, tmp_pat
     assert manifest(out)["r1"]["status"] == "fallback"
 
 
-def test_auth_and_source_headers_reach_the_server(api: ScriptedAPI, tmp_path: Path, monkeypatch) -> None:
+def test_auth_and_source_headers_reach_the_server(api: ScriptedAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMAILPERS_TEST_TOKEN", "token-value")
     api.serve("/users/r1/cart", {"products": []})
     campaign = one_source(tmp_path, api, headers={"Accept": "application/json", "X-Trace": "t1"},

@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from advanced_servers import Api, running
-from conftest import ScriptedAPI, manifest, report, source, write_campaign
-from oauth_servers import OneMethodTokenServer
 
 import emailpers
 from emailpers.auth import TokenProvider
@@ -29,6 +26,10 @@ from emailpers.fetch import Fetcher
 from emailpers.http import ConnectionFailed, HttpClient, parse_max_age, parse_retry_after
 from emailpers.pacing import RateLimiter, RetryPolicy, Timing
 from emailpers.pipeline import RunOptions, render_campaign
+
+from advanced_servers import Api, running
+from conftest import ScriptedAPI, manifest, report, source, write_campaign
+from oauth_servers import OneMethodTokenServer
 
 
 class FakeClock:

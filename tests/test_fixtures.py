@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from advanced_servers import Api, running
 from conftest import ScriptedAPI, invoke, manifest, parse_eml, parts, render, report, source, write_campaign
 

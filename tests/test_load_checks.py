@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import ScriptedAPI, eml_of, invoke, manifest, parts, render, source, write_campaign
 
 

@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from advanced_servers import Api, Request, Response, running
-from oauth_servers import OneMethodTokenServer, guard
-from test_sources_advanced import make_campaign, manifest, outcomes, people, render, report
 
 from emailpers.auth import TokenProvider
 from emailpers.campaign import Auth, load_campaign
 from emailpers.errors import CampaignError
 from emailpers.http import HttpClient
+
+from advanced_servers import Api, Request, Response, running
+from conftest import make_campaign, manifest, outcomes, people, report
+from conftest import render_html as render
+from oauth_servers import OneMethodTokenServer, guard
 
 SECRETS = {
     "T_CLIENT_ID": "cid-SECRET-4e1f",

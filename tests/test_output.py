@@ -8,6 +8,8 @@ import email.utils
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import (
     ScriptedAPI,
     eml_of,
@@ -248,7 +250,7 @@ SECRETS = {
 }
 
 
-def test_secrets_never_reach_disk_or_output(api: ScriptedAPI, tmp_path: Path, monkeypatch) -> None:
+def test_secrets_never_reach_disk_or_output(api: ScriptedAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     api.serve("/shop/*", {"products": ["Mug"]})

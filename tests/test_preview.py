@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import invoke, source, write_campaign
 
 from emailpers.browser import find_chromium
 from emailpers.fixtures import fixture_path
+
+from conftest import invoke, source, write_campaign
 
 try:
     import playwright  # noqa: F401

@@ -17,6 +17,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+
+from emailpers.campaign import load_campaign
+from emailpers.cli import cli
+from emailpers.errors import RecipientListError
+from emailpers.recipients import MAX_COLUMNS, Preflight, columns, preflight, recipients_argument
+
 from conftest import (
     ScriptedAPI,
     invoke,
@@ -28,11 +34,6 @@ from conftest import (
     source,
     write_campaign,
 )
-
-from emailpers.campaign import load_campaign
-from emailpers.cli import cli
-from emailpers.errors import RecipientListError
-from emailpers.recipients import MAX_COLUMNS, Preflight, columns, preflight, recipients_argument
 
 HEADER = "id,email,first_name,city"
 

@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_resume import complete_lines, people
+
+from emailpers.fetch import Fetched
+from emailpers.output import file_stem
+
 from advanced_servers import Api, Request, Response, running
 from conftest import (
     ScriptedAPI,
@@ -30,10 +35,6 @@ from conftest import (
     write_campaign,
     write_recipients,
 )
-from test_resume import complete_lines, people
-
-from emailpers.output import file_stem
-from emailpers.fetch import Fetched
 
 
 def listed_files(out: Path) -> list[str]:
@@ -295,7 +296,7 @@ def results(ok: int, failed: int) -> list[Fetched]:
 
 
 def test_guard_stops_only_above_the_rate() -> None:
-    from emailpers.pipeline import HealthGuard
+    from emailpers.tally import HealthGuard
 
     guard = HealthGuard(0.5)
     for result in results(100, 100):  # exactly half of the last 200: not more than 50%
@@ -305,7 +306,7 @@ def test_guard_stops_only_above_the_rate() -> None:
 
 
 def test_guard_forgets_failures_older_than_its_window() -> None:
-    from emailpers.pipeline import HealthGuard
+    from emailpers.tally import HealthGuard
 
     guard = HealthGuard(0.5)
     for result in results(10, 10) + results(200, 0) + results(0, 100):  # 100 of the last 200

@@ -10,15 +10,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from conftest import Behaviour, ScriptedAPI, manifest, manifest_lines, parse_eml, parts, render, report, source, write_campaign
+from conftest import (
+    Behaviour,
+    ScriptedAPI,
+    manifest,
+    manifest_lines,
+    parse_eml,
+    parts,
+    render,
+    report,
+    source,
+    write_campaign,
+)
 
 
 def people(n: int) -> list[dict[str, str]]:
     return [{"id": f"u{i:03d}", "email": f"u{i}@example.com", "first_name": f"Name{i}"} for i in range(n)]
 
 
-def complete_lines(path: Path) -> list[dict[str, object]]:
+def complete_lines(path: Path) -> list[dict[str, Any]]:
     data = path.read_bytes() if path.exists() else b""
     return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
 

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import invoke, manifest_lines, render, write_campaign
 from smtp_server import Relay, running_relay
 
 from emailpers.errors import SendError
 from emailpers.pacing import Pacer
 from emailpers.relay import SendOptions, credentials_from_env, parse_relay
 from emailpers.send import send_messages
+
+from conftest import invoke, manifest_lines, render, write_campaign
 
 USER, PASSWORD = "relay-user", "pw-S3CRET-do-not-leak"
 
@@ -117,7 +118,7 @@ def test_credentials_in_the_url_are_refused_without_echoing_them(tmp_path: Path)
 
 def test_550_is_rejected_451_is_retried_then_deferred(tmp_path: Path, login: None) -> None:
     out = rendered(tmp_path, people(5))
-    script = {"reject": {"p001@example.com"}, "tempfail": {"p002@example.com": -1, "p003@example.com": 1}}
+    script: dict[str, Any] = {"reject": {"p001@example.com"}, "tempfail": {"p002@example.com": -1, "p003@example.com": 1}}
     with running_relay(tmp_path, user=USER, password=PASSWORD, **script) as relay:
         result = send(out, relay, "--retries", "2", "--backoff", "0.01")
     assert result.exit_code == 3, result.output

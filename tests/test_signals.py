@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+
 from conftest import HTML_TEMPLATE, ScriptedAPI, render, report
 from render_processes import (
     SECRET,

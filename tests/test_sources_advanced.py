@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+
+from emailpers.campaign import load_campaign
+from emailpers.fetch import Fetcher
+from emailpers.pipeline import make_client
 
 from advanced_servers import Api, Request, Response, TokenServer, running
-from emailpers.campaign import load_campaign
-from emailpers.cli import cli
-from emailpers.pipeline import make_client
-from emailpers.fetch import Fetcher
+from conftest import CITIES, invoke, make_campaign, manifest, outcomes, people, report
+from conftest import render_html as render
 
-CITIES = ("Paris", "Lagos", "Lima")
 SOURCE_KEYS = {
     "requests", "cache_hits", "dedupe_hits", "batches", "retries", "errors", "status_429",
     "stale", "token_renewals", "fallbacks", "latency_ms",
@@ -51,54 +51,6 @@ def other_api() -> Iterator[Api]:
     """A second server: same host, another port, so another origin."""
     with running(Api()) as server:
         yield server
-
-
-def people(n: int) -> list[dict[str, str]]:
-    return [
-        {"id": f"u{i}", "email": f"u{i}@example.com", "first_name": f"Name{i}", "city": CITIES[i % 3]}
-        for i in range(1, n + 1)
-    ]
-
-
-def make_campaign(tmp_path: Path, sources: str, rows: list[dict[str, str]], *, live: list[str]) -> Path:
-    """A campaign whose HTML template has one live block per name in `live`,
-    showing that source's JSON, with a static fallback."""
-    blocks = "\n".join(
-        f'{{% live "{n}" %}}<p id="{n}">{n}={{{{ {n}|tojson }}}}</p>{{% fallback %}}<p>{n} unavailable</p>{{% endlive %}}'
-        for n in live
-    )
-    (tmp_path / "email.html.j2").write_text(f"<html><body><p>Hi {{{{ first_name }}}}</p>\n{blocks}\n</body></html>\n")
-    lines = ["id,email,first_name,city", *(f"{r['id']},{r['email']},{r['first_name']},{r['city']}" for r in rows)]
-    (tmp_path / "recipients.csv").write_text("\n".join(lines) + "\n")
-    path = tmp_path / "campaign.toml"
-    path.write_text(
-        '[campaign]\nname = "adv"\ntemplate = "email.html.j2"\nsubject = "Hi {{ first_name }}"\n'
-        'from = "Shop <news@shop.example>"\n\n[recipients]\npath = "recipients.csv"\n\n' + sources
-    )
-    return path
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args))
-
-
-def render(campaign: Path, out: Path, *extra: str) -> Result:
-    return invoke("render", str(campaign), "--out", str(out), "--format", "html", "--workers", "0", "--no-progress", *extra)
-
-
-def manifest(out: Path) -> dict[str, dict[str, Any]]:
-    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    by_id = {e["id"]: e for e in entries}
-    assert len(by_id) == len(entries), "a recipient appears twice in the manifest"
-    return by_id
-
-
-def report(out: Path) -> dict[str, Any]:
-    return json.loads((out / "report.json").read_text())
-
-
-def outcomes(out: Path, source: str) -> dict[str, str]:
-    return {rid: e["sources"][source]["outcome"] for rid, e in manifest(out).items()}
 
 
 def user_of(request: Request) -> str:
@@ -497,9 +449,7 @@ def test_server_errors_retried_with_backoff_then_succeed(api: Api, tmp_path: Pat
 
 
 def test_rate_limit_is_shared_by_concurrent_fetches(api: Api, tmp_path: Path) -> None:
-    @api.route(r"/v1/users/(\w+)")
-    def _(request: Request, match: re.Match[str]) -> Response:
-        return Response(200, {"user": match.group(1)})
+    api.echo(r"/v1/users/(\w+)")
 
     campaign = make_campaign(tmp_path, users_source(api, "rate_limit = 20"), people(30), live=["users"])
 
@@ -515,9 +465,7 @@ def test_rate_limit_is_shared_by_concurrent_fetches(api: Api, tmp_path: Path) ->
 def test_per_source_concurrency_overrides_the_global_one(api: Api, other_api: Api, tmp_path: Path) -> None:
     for server in (api, other_api):
 
-        @server.route(r"/v1/users/(\w+)")
-        def _(request: Request, match: re.Match[str]) -> Response:
-            return Response(200, {"user": match.group(1)}, delay=0.1)
+        server.echo(r"/v1/users/(\w+)", delay=0.1)
 
     sources = users_source(api, "concurrency = 3") + f'[sources.other]\nurl = "{other_api.url}/v1/users/{{{{ id }}}}"\n'
     campaign = make_campaign(tmp_path, sources, people(24), live=["users", "other"])
@@ -556,9 +504,7 @@ def test_identical_requests_are_sent_once(api: Api, tmp_path: Path, cache_flag: 
 
 
 def test_report_has_every_source_figure(api: Api, tmp_path: Path) -> None:
-    @api.route(r"/v1/users/(\w+)")
-    def _(request: Request, match: re.Match[str]) -> Response:
-        return Response(200, {"user": match.group(1)})
+    api.echo(r"/v1/users/(\w+)")
 
     campaign = make_campaign(tmp_path, users_source(api), people(5), live=["users"])
 
@@ -667,9 +613,7 @@ def test_cache_control_max_age_and_no_store_force_a_refetch(api: Api, tmp_path: 
 
 
 def test_cache_control_max_age_lowers_the_ttl(api: Api, tmp_path: Path) -> None:
-    @api.route(r"/v1/users/(\w+)")
-    def _(request: Request, match: re.Match[str]) -> Response:
-        return Response(200, {"user": match.group(1)}, {"Cache-Control": "public, max-age=2"})
+    api.echo(r"/v1/users/(\w+)", headers={"Cache-Control": "public, max-age=2"})
 
     campaign = make_campaign(tmp_path, users_source(api, "cache_ttl = 300"), people(2), live=["users"])
 
@@ -721,9 +665,7 @@ def test_stale_data_used_when_the_api_goes_down_after_cache_warm(tmp_path: Path)
 
 
 def test_cache_warm_stats_and_clear(api: Api, tmp_path: Path) -> None:
-    @api.route(r"/v1/(\w+)/(\w+)")
-    def _(request: Request, match: re.Match[str]) -> Response:
-        return Response(200, {"user": match.group(2)})
+    api.echo(r"/v1/(\w+)/(\w+)", group=2)
 
     sources = "".join(f'[sources.{n}]\nurl = "{api.url}/v1/{n}/{{{{ id }}}}"\n' for n in ("cart", "loyalty"))
     campaign = make_campaign(tmp_path, sources, people(5), live=["cart", "loyalty"])
@@ -821,9 +763,7 @@ def test_redirects_are_not_followed_by_default(api: Api, tmp_path: Path) -> None
     def _(request: Request, match: re.Match[str]) -> Response:
         return Response(302, {}, {"Location": f"/v1/new/{match.group(1)}"})
 
-    @api.route(r"/v1/new/(\w+)")
-    def _(request: Request, match: re.Match[str]) -> Response:
-        return Response(200, {"user": match.group(1)})
+    api.echo(r"/v1/new/(\w+)")
 
     sources = f'[sources.users]\nurl = "{api.url}/v1/old/{{{{ id }}}}"\nretries = 0\n'
     campaign = make_campaign(tmp_path, sources, people(1), live=["users"])
@@ -850,9 +790,7 @@ def test_redirect_to_another_origin_is_refused(api: Api, other_api: Api, tmp_pat
         # Same host name, another port: another origin, which could be anything.
         return Response(307, {}, {"Location": f"{other_api.url}/v1/new/{match.group(1)}"})
 
-    @other_api.route(r"/v1/new/(\w+)")
-    def _(request: Request, match: re.Match[str]) -> Response:
-        return Response(200, {"user": match.group(1)})
+    other_api.echo(r"/v1/new/(\w+)")
 
     sources = f'[sources.users]\nurl = "{api.url}/v1/old/{{{{ id }}}}"\nretries = 0\nfollow_redirects = true\n'
     campaign = make_campaign(tmp_path, sources, people(1), live=["users"])

@@ -13,12 +13,13 @@ from urllib.parse import unquote
 
 import dkim
 import pytest
-from conftest import eml_of, invoke, manifest, render, write_campaign
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from smtp_server import running_relay
 
 from emailpers.signing import BadToken, sign, verify
+
+from conftest import eml_of, invoke, manifest, render, write_campaign
 
 KEY = "k" * 32
 UNSUBSCRIBE = {"url": "https://shop.example/u/{{ token }}", "mailto": "unsub@shop.example", "key_env": "UNSUB_KEY"}
@@ -66,7 +67,9 @@ def test_unsubscribe_headers_carry_a_token_signed_per_recipient(tmp_path: Path, 
         assert verify(KEY.encode(), token) == {"id": rid, "email": entry["email"], "campaign": "test-campaign"}
         assert mailto == f"mailto:unsub@shop.example?subject={'unsubscribe%20' + token}"
         assert unquote(mailto.partition("subject=")[2]) == f"unsubscribe {token}"
-        html = message.get_body(("html",)).get_content()
+        body = message.get_body(("html",))
+        assert body is not None
+        html = body.get_content()
         assert f'href="{url}"' in html  # {{ unsubscribe_url }} for the footer link
         # One character changed anywhere in the token and it no longer verifies.
         for i in (0, len(token) // 2, len(token) - 1):

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from advanced_servers import Api, LoopbackServer, Request, Response, running
-from test_sources_advanced import make_campaign, people, render
 
 from emailpers.auth import TOKEN_MAX_BYTES
 from emailpers.campaign import load_campaign
 from emailpers.errors import CampaignError
+
+from advanced_servers import Api, LoopbackServer, Request, Response, running
+from conftest import make_campaign, people
+from conftest import render_html as render
 
 
 @pytest.fixture
@@ -29,9 +31,7 @@ def api() -> Iterator[Api]:
 
 
 def data_route(api: Api) -> None:
-    @api.route(r"/v1/profile/(\w+)")
-    def _(request: Request, match: re.Match[str]) -> Response:
-        return Response(200, {"user": match.group(1)})
+    api.echo(r"/v1/profile/(\w+)")
 
 
 def oauth_campaign(tmp_path: Path, token_url: str, data_url: str) -> Path:

@@ -17,10 +17,11 @@ from typing import Any
 
 import diskcache
 import pytest
-from conftest import ScriptedAPI, eml_of, invoke, manifest, parts, render, source, write_campaign
 
 from emailpers.cache import request_identity
 from emailpers.campaign import Auth
+
+from conftest import ScriptedAPI, eml_of, invoke, manifest, parts, render, source, write_campaign
 
 CART = "/users/{{ id }}/cart"
 

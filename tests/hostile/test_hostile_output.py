@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import manifest, manifest_lines, parse_eml, render, write_campaign, write_recipients
 
 

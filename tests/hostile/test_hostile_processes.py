@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import ScriptedAPI
 from render_processes import SECRET, SIGNING_KEY, files_match_manifest, kill_all, start_render, survivors, wait_mid_run
 

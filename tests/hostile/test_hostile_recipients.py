@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ScriptedAPI, manifest, manifest_lines, render, report, source, write_campaign
 
 from emailpers.recipients import MAX_JSON_DEPTH, MAX_LINE_BYTES
+
+from conftest import ScriptedAPI, manifest, manifest_lines, render, report, source, write_campaign
 
 
 def good(i: int) -> str:

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ScriptedAPI, eml_of, manifest, parts, render, source, write_campaign
 
 from emailpers.campaign import load_campaign
 from emailpers.errors import RenderFailed
 from emailpers.render import MAX_NESTING, Renderer
+
+from conftest import ScriptedAPI, eml_of, manifest, parts, render, source, write_campaign
 
 PEOPLE = [
     {"id": "ok", "email": "ok@example.com", "first_name": "Ann", "mode": "plain"},
