@@ -152,7 +152,9 @@ def test_rate_is_honoured_across_connections(tmp_path: Path, login: None) -> Non
     assert len(times) == 150
     measured = (len(times) - 1) / (times[-1] - times[0])
     print(f"measured at the server: {measured:.2f}/s")
-    assert 47.5 <= measured <= 52.5, measured
+    # Never faster than the rate (+5%): that is the promise. Slower only when the machine is busy (the
+    # suite runs in four processes on two cores): 49.9-50.0/s measured here on an idle machine (README).
+    assert 40 <= measured <= 52.5, measured
     # No burst: the transactions' starts (the journal's `sending` lines) are 1/50 s apart, so a second holds
     # at most 50, plus one that the event loop woke late (a late start is not made up by crowding the next).
     starts = [datetime.fromisoformat(e["at"]).timestamp() for e in journal(out) if e["event"] == "sending"]
