@@ -140,6 +140,7 @@ class Campaign:
     headers: dict[str, str] = field(default_factory=dict)
     sources: dict[str, Source] = field(default_factory=dict)
     render_deadline: float = DEFAULT_RENDER_DEADLINE
+    backend: str | None = None  # [run] backend: redis://... shared by a run's shards (redis_backend.py)
 
     @property
     def root(self) -> Path:
@@ -314,7 +315,12 @@ def load_campaign(
         raise CampaignError(f"{path}: not valid TOML: {exc}") from None
     loader = _Loader(path, text, need_secrets, os.environ if env is None else env)
     top = _Table(loader, data, "campaign file")
-    top.no_unknown({"campaign", "recipients", "sources", "auth"})
+    top.no_unknown({"campaign", "recipients", "sources", "auth", "run"})
+    run_table = _Table(loader, top.get("run", dict, {}), "[run]")
+    run_table.no_unknown({"backend"})
+    backend = run_table.get("backend", str)
+    if backend is not None and not backend.startswith(("redis://", "rediss://", "unix://")):
+        raise loader.error("[run]", "backend", "must be a redis://, rediss:// or unix:// URL")
 
     c = _Table(loader, top.get("campaign", dict, required=True), "[campaign]")
     c.no_unknown({
@@ -358,6 +364,7 @@ def load_campaign(
         recipients=recipients_config,
         sources=sources,
         render_deadline=c.number("render_deadline", DEFAULT_RENDER_DEADLINE, above=True),
+        backend=backend,
     )
 
 

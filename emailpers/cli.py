@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from emailpers.pipeline import (
 )
 from emailpers.recipients import count_rows, recipients_argument
 from emailpers.report import STATUSES, summary
+from emailpers.shards import Shard, parse_shard, status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -184,6 +186,14 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
                          help="Stop (exit 4) when more than this share of a source's last 200 fetches failed; "
                               "1 never stops."),
             click.option("--progress/--no-progress", default=True, help="Progress bar on a terminal."),
+            click.option("--shard", metavar="K/N",
+                         help="Do only shard K (0..N-1) of N: the recipients whose id hashes to K. auto/N reads K "
+                              "from JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX, SLURM_ARRAY_TASK_ID or "
+                              "CI_NODE_INDEX (1-based). Shards share one --out."),
+            click.option("--backend", metavar="redis://HOST:PORT/DB", envvar="EMAILPERS_BACKEND", show_envvar=True,
+                         help="Share the response cache, rate limits, concurrency caps, OAuth token, request "
+                              "dedupe and error guard with every other shard through Redis [default: [run] "
+                              "backend; none: this process alone, cache on disk]."),
         ]
     ):
         func = option(func)
@@ -224,6 +234,8 @@ def render(
     fresh: bool,
     redo: frozenset[str],
     max_failures: int | None,
+    shard: str | None,
+    backend: str | None,
 ) -> None:
     """Render CAMPAIGN (a .toml file) for every recipient into --out.
 
@@ -237,6 +249,7 @@ def render(
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
         # Offline, nothing is sent: the API secrets are not needed.
         campaign = load_campaign(campaign_file, path, recipients_label=label, need_secrets=not offline)
+        part = _shard(shard)
         options = RunOptions(
             out=out,
             formats=formats,
@@ -249,6 +262,8 @@ def render(
             max_error_rate=max_error_rate,
             max_failures=max_failures,
             redo=redo,
+            shard=part,
+            backend=backend or campaign.backend,
         )
         with _progress(campaign, progress) as update:
             report = render_campaign(campaign, options, update)
@@ -274,6 +289,8 @@ def cache_warm(
     cache_dir: Path | None,
     max_error_rate: float | None,
     progress: bool,
+    shard: str | None,
+    backend: str | None,
 ) -> None:
     """Fetch every recipient's data into the cache, render nothing.
 
@@ -283,11 +300,46 @@ def cache_warm(
     """
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
         campaign = load_campaign(campaign_file, path, recipients_label=label)
-        options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate)
+        options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate,
+                             shard=_shard(shard), backend=backend or campaign.backend)
         with _progress(campaign, progress, "Warming") as update:
             report = warm_cache(campaign, options, update)
     click.echo(summary(report))
     sys.exit(report.exit_code)
+
+
+def _shard(spec: str | None) -> Shard | None:
+    """--shard, parsed; auto/N says which runner variable it read."""
+    if spec is None:
+        return None
+    part = parse_shard(spec, os.environ)
+    if part.source:
+        click.echo(f"Shard {part} (from {part.source}={os.environ[part.source].strip()})", err=True)
+    return part
+
+
+@cli.command("status")
+@click.argument("out", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def status_command(out: Path) -> None:
+    """Totals of the run in OUT (a render's --out), per shard and overall.
+
+    Exits with the code the whole run deserves: 0 when every shard finished
+    and no recipient failed, 3 when some failed, 4 (or another stop's code)
+    when a shard was stopped, 1 while a shard has not finished (never
+    started, still running, or killed).
+    """
+    with _errors():
+        shards, code = status(out)
+    overall: dict[str, int] = {}
+    for s in shards:
+        for name, n in s.counts.items():
+            overall[name] = overall.get(name, 0) + n
+        figures = "  ".join(f"{name} {n}" for name, n in sorted(s.counts.items())) or "no recipients"
+        state = s.problem or f"finished, exit {s.exit_code}"
+        click.echo(f"shard {s.name}: {figures}   ({state})")
+    total = "  ".join(f"{name} {n}" for name, n in sorted(overall.items()))
+    click.echo(f"overall: {sum(overall.values())} recipients: {total or '-'}   (exit {code})")
+    sys.exit(code)
 
 
 def _open_cache(campaign_file: Path, cache_dir: Path | None) -> tuple[Campaign, ResponseCache]:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from emailpers.backend import SharedBackend
 from emailpers.batching import Batcher
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
@@ -30,12 +31,13 @@ from emailpers.errors import EmailpersError, Interrupted, OutputError, RenderPro
 from emailpers.fetch import Fetched, Fetcher, SourceStats
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
-from emailpers.outcome import Outcome, RenderRequest, RenderResult, SourceResult, decide
+from emailpers.outcome import LOCAL_OUTCOMES, Outcome, RenderRequest, RenderResult, SourceResult, decide
 from emailpers.output import REPORT, write_atomic
 from emailpers.pacing import REAL_TIMING, Timing
 from emailpers.processes import RenderPool, environment_without, stop_on_signals
 from emailpers.recipients import Preflight, Row, preflight, read_recipients
 from emailpers.report import Report, SourceFigures, build_report
+from emailpers.shards import Shard
 from emailpers.tally import HealthGuard, Tally
 
 DEFAULT_CONCURRENCY = 32
@@ -65,6 +67,8 @@ class RunOptions:
     max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE  # None or 1: never stop on errors
     max_failures: int | None = None  # stop once this many recipients failed in this run
     redo: frozenset[str] = field(default_factory=frozenset)  # statuses to do again on resume
+    shard: Shard | None = None  # do only this shard's recipients (shards.py)
+    backend: str | None = None  # redis://...: share cache, limits, token, dedupe and guard with other shards
 
 
 def default_workers() -> int:
@@ -156,6 +160,7 @@ class Run:
         self._tasks: set[asyncio.Task[None]] = set()
         self._rendering: set[asyncio.Task[None]] = set()  # tasks whose recipient is in a render process
         self._wake = asyncio.Event()  # set on a stop, and when the last task ends
+        self.shared: SharedBackend | None = None  # --backend: what every shard shares
 
     def execute(self) -> Report:
         """Run, then always: close, sweep what a stop left unlisted, report.
@@ -171,13 +176,20 @@ class Run:
         cache = pool = None
         running = False  # past the checks that keep a run from starting: from here on, a report
         try:
-            if self.options.use_cache or self.options.offline:
+            if self.options.backend is not None:
+                # Before anything is written: a backend that is not there stops the run at once (exit 1).
+                from emailpers.redis_backend import check_reachable
+
+                check_reachable(self.options.backend)
+            elif self.options.use_cache or self.options.offline:
                 # First: an unusable cache folder stops the run before --fresh clears anything.
                 cache = ResponseCache(cache_directory(self.campaign, self.options), clock=self.timing.wall_clock)
             if out is not None and self.job is not None:
                 files = campaign_files(self.campaign, self.job.renderer.template_files)
                 run = fingerprint(self.campaign.root, files, self.options.formats)
-                self.manifest = Manifest(out, fresh=self.options.fresh, run=run, redo=self.options.redo)
+                self.manifest = Manifest(
+                    out, fresh=self.options.fresh, run=run, redo=self.options.redo, shard=self.options.shard
+                )
             pool = self._pool()
             running = True
             asyncio.run(self._run(cache, pool))
@@ -198,11 +210,15 @@ class Run:
                     self.on_disk = on_disk
         report = self._build_report(time.monotonic() - started, error)
         if out is not None and running:
+            shard = self.options.shard
+            path = out / REPORT if shard is None else shard.report(out)
+            # A shard's report carries its exit code: `emailpers status` totals the shards.
+            extra = {} if shard is None else {"shard": str(shard), "exit_code": report.exit_code}
             try:
-                write_atomic(out / REPORT, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+                write_atomic(path, (json.dumps({**report.to_json(), **extra}, indent=2) + "\n").encode())
             except OSError as exc:
                 if error is None:  # the run's exit code is this error's now
-                    error = OutputError(f"{out / REPORT}: cannot write the report: {exc.strerror}")
+                    error = OutputError(f"{path}: cannot write the report: {exc.strerror}")
                     report = replace(report, stop_code=error.exit_code)
         if error is not None:
             if isinstance(error, EmailpersError) and running:
@@ -304,10 +320,18 @@ class Run:
                     ) from None
 
             self.render_queue = Batcher(RENDER_CHUNK, RENDER_LINGER, render_chunk)
+        backend: SharedBackend | None = None
+        if options.backend is not None:
+            from emailpers.redis_backend import RedisBackend
+
+            backend = await RedisBackend.connect(options.backend, self.campaign.name, self.tally.guard.max_error_rate)
+            self.shared = backend
+        store = backend.cache if backend is not None and (options.use_cache or options.offline) else cache
         async with make_client(options.concurrency) as client:
             fetcher = Fetcher(
-                self.campaign, client, cache, offline=options.offline, concurrency=options.concurrency, timing=self.timing
-            )
+                self.campaign, client, store, offline=options.offline, concurrency=options.concurrency,
+                timing=self.timing, backend=backend,
+            )  # fmt: skip
             self.network = fetcher.stats()  # read at the report, whatever ends the run
             batch_sizes = [s.batch.size for s in self.campaign.sources.values() if s.batch]
             window = asyncio.Semaphore(2 * max([options.concurrency, *batch_sizes]))
@@ -346,6 +370,8 @@ class Run:
                 await self._wind_down()
                 self._loop = None
                 self.network = fetcher.stats()
+                if backend is not None:
+                    await backend.close()
             if self.fatal is not None:
                 raise self.fatal
             if self.signal is not None:
@@ -355,7 +381,11 @@ class Run:
         """Rows still to do, with duplicate ids turned invalid. Rows an earlier
         run finished count as progress at once."""
         done = self.manifest.done if self.manifest else Done()
+        shard = self.options.shard
         for row in read_recipients(self.campaign.recipients):
+            # Every copy of an id hashes to the same shard, so duplicates are still found.
+            if shard is not None and not (shard.owns(row.id) if row.id is not None else shard.owns_row(row.number)):
+                continue
             if row.problem is None and row.id is not None and row.id in seen:
                 row = replace(row, problem=f"duplicate id {row.id!r} (first seen earlier in the file)")
             elif row.problem is None and row.id is not None:
@@ -373,6 +403,10 @@ class Run:
         fetched = await fetcher.fetch_all(row.fields)
         results = {name: source_result(r) for name, r in fetched.items()}
         self.tally.fetched(results)
+        if self.shared is not None:  # the window every shard shares: an outage stops them all
+            for name, result in results.items():
+                if result.outcome not in LOCAL_OUTCOMES and not result.shared:
+                    await self.shared.guard.check(name, None if result.ok else (result.error or result.outcome))
         if self.job is None:  # cache warm: the fetch was the whole job
             self._record(decide(row, results, warm=True))
             return

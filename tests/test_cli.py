@@ -31,7 +31,7 @@ ALL_COMMANDS = commands(cli)
 
 def test_the_expected_commands_exist() -> None:
     assert sorted(" ".join(path) for path, _ in ALL_COMMANDS) == [
-        "", "cache", "cache clear", "cache stats", "cache warm", "demo", "render",
+        "", "cache", "cache clear", "cache stats", "cache warm", "demo", "render", "status",
     ]
 
 
