@@ -46,9 +46,11 @@ POLL = 0.01  # seconds between looks at a key another shard holds (a slot, a loc
 TOKEN_LOCK_SECONDS = 30.0  # a token renewal's lock (the request's timeout is 10 s); a killed holder's expires
 TRIP_SECONDS = 30.0  # a tripped guard stops every shard that fetches that source within this long
 GUARD_IDLE_SECONDS = 600.0  # a guard window nobody added to for this long is forgotten
-# The API counts requests as they arrive: slots this much further apart than
-# 1/rate keep request-to-request jitter from ever fitting rate+1 arrivals into a second.
-RATE_MARGIN = 0.02
+# The API counts requests as they arrive, and a busy machine delays a request
+# between its slot and its arrival by tens of milliseconds (measured: up to
+# ~100 ms with 4 shards on 2 loaded cores). Slots 10% further apart than
+# 1/rate keep such delays from ever fitting rate + 1 arrivals into one second.
+RATE_MARGIN = 0.10
 
 _NEXT_SLOT = """
 local t = redis.call('TIME')
