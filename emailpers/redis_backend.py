@@ -4,7 +4,7 @@ through redis-py's asyncio client.
     emailpers:cache:<cache_key>             an entry, as the disk cache stores it (cache.Entry), with its TTL
     emailpers:inflight:<cache_key>          a shard fetching that URL now (the others wait for its entry)
     emailpers:token:<identity>              the OAuth token of an [auth] table, and :lock while one shard renews it
-    emailpers:<campaign hash>:<source>:rate      the next free request slot (a token bucket of one, in a Lua script)
+    emailpers:<campaign hash>:<source>:rate      when the next request may go (GCRA, in Lua)
     emailpers:<campaign hash>:<source>:slots     requests in flight over all shards (leases, so a killed shard's expire)
     emailpers:<campaign hash>:<source>:guard     the error guard's window, and :tripped once a shard stopped on it
 
@@ -47,19 +47,23 @@ TOKEN_LOCK_SECONDS = 30.0  # a token renewal's lock (the request's timeout is 10
 TRIP_SECONDS = 30.0  # a tripped guard stops every shard that fetches that source within this long
 GUARD_IDLE_SECONDS = 600.0  # a guard window nobody added to for this long is forgotten
 # The API counts requests as they arrive, and a busy machine delays a request
-# between its slot and its arrival by tens of milliseconds (measured: up to
-# ~100 ms with 4 shards on 2 loaded cores). Slots 10% further apart than
-# 1/rate keep such delays from ever fitting rate + 1 arrivals into one second.
+# between its grant and its arrival by tens of milliseconds (4 shards on 2
+# loaded cores). A window 10% longer than the rate asks keeps such delays from
+# fitting rate + 1 arrivals into one second, for 10% of the throughput.
 RATE_MARGIN = 0.10
 
-_NEXT_SLOT = """
+# GCRA (a token bucket of one): a request may go once Redis's clock reaches the
+# theoretical arrival time in KEYS[1], which then moves one interval on. Asked
+# right before a request goes (a waiter that wakes asks again), so no oversleep
+# lies between the grant and the send, and requests go evenly spaced, not in bursts.
+_SEND = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if now < tat then return string.format('%.6f', tat - now) end
 local interval = tonumber(ARGV[1])
-local slot = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
-local after = slot + interval
-redis.call('SET', KEYS[1], string.format('%.6f', after), 'PX', math.ceil((after - now) * 1000) + 1000)
-return string.format('%.6f', slot - now)
+redis.call('SET', KEYS[1], string.format('%.6f', now + interval), 'PX', math.ceil(interval * 1000) + 1000)
+return '0'
 """
 _TAKE_SLOT = """
 local t = redis.call('TIME')
@@ -144,7 +148,7 @@ class RedisBackend:
         self.url = url
         self._redis = redis_module
         self._prefix = f"emailpers:{namespace(campaign)}"
-        self._next_slot = client.register_script(_NEXT_SLOT)
+        self._send = client.register_script(_SEND)
         self._take_slot = client.register_script(_TAKE_SLOT)
         self._guard = client.register_script(_GUARD)
         self._release_lock = client.register_script(_RELEASE_LOCK)
@@ -200,14 +204,18 @@ class RedisBackend:
 
 
 class _RateLimit:
+    """A source's rate_limit over every shard: requests at least `interval` apart."""
+
     def __init__(self, backend: RedisBackend, key: str, interval: float) -> None:
         self.backend, self.key, self.interval = backend, key, interval
+        # One waiter per shard asks Redis at a time; the others queue here, not in Redis.
+        self._turn = asyncio.Lock()
 
     async def wait(self) -> None:
-        raw = await self.backend.call(lambda: self.backend._next_slot(keys=[self.key], args=[f"{self.interval:.6f}"]))
-        delay = float(raw)
-        if delay > 0:
-            await asyncio.sleep(delay)
+        args = [f"{self.interval:.6f}"]
+        async with self._turn:
+            while (delay := float(await self.backend.call(lambda: self.backend._send(keys=[self.key], args=args)))) > 0:
+                await asyncio.sleep(delay)
 
 
 class _Slots(AbstractAsyncContextManager[None]):
