@@ -268,7 +268,8 @@ def render(
         with _progress(campaign, progress) as update:
             report = render_campaign(campaign, options, update)
     click.echo(summary(report))
-    click.echo(f"Output: {out}/ (manifest.jsonl, report.json, messages/)")
+    journal = "manifest.jsonl, report.json" if part is None else f"shards/{part.name}.jsonl and .report.json"
+    click.echo(f"Output: {out}/ ({journal}, messages/)")
     if report.failed_earlier:
         click.echo(f"{report.failed_earlier} recipients failed in an earlier run; --redo failed does them again", err=True)
     sys.exit(report.exit_code)

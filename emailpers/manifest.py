@@ -190,9 +190,13 @@ class Manifest:
                 raise OutputError(f"{path}: not a run file; run with --fresh to start over, or use a new --out") from None
             change = describe_change(before, run) if isinstance(before, dict) else f"{RUN} is not an object"
             if change is not None:
+                todo = "Run with --fresh to start over, or use a new --out"
+                if self.shard is not None or "shards" in before:
+                    todo = ("Every shard of a run needs the same campaign, --format and N; to start another "
+                            "sharded run, use a new --out")
                 raise OutputError(
                     f"{self.out}: was started by a different campaign or templates ({change}); resuming would mix "
-                    "two versions of the email. Run with --fresh to start over, or use a new --out"
+                    f"two versions of the email. {todo}"
                 )
             return
         write_atomic(path, (json.dumps(run, indent=2) + "\n").encode())

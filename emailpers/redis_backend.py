@@ -129,15 +129,21 @@ def check_reachable(url: str) -> None:
             client.close()
     except (redis.RedisError, ValueError, OSError) as exc:
         raise BackendError(
-            f"cannot reach the backend {public_url(url)}: {_reason(exc)}; start Redis there or fix --backend "
+            f"cannot reach the backend {public_url(url)}: {_reason(exc, url)}; start Redis there or fix --backend "
             "(EMAILPERS_BACKEND, [run] backend)"
         ) from None
 
 
-def _reason(exc: BaseException) -> str:
-    # redis-py puts the URL (with its password) in some messages: keep only its kind and the first clause.
-    text = str(exc).split(".")[0]
-    return f"{type(exc).__name__}: {text}"[:200] if "@" not in text else type(exc).__name__
+def _reason(exc: BaseException, url: str) -> str:
+    """An exception as text without the URL's password (redis-py may quote the URL)."""
+    text = f"{type(exc).__name__}: {exc}"
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, "***")
+    return text[:200].rstrip(".")
 
 
 class RedisBackend:
@@ -170,7 +176,7 @@ class RedisBackend:
             client = redis.asyncio.Redis(connection_pool=pool)
             await client.ping()
         except (redis.RedisError, ValueError, OSError) as exc:
-            raise BackendError(f"cannot reach the backend {public_url(url)}: {_reason(exc)}") from None
+            raise BackendError(f"cannot reach the backend {public_url(url)}: {_reason(exc, url)}") from None
         return cls(client, url, campaign, redis, max_error_rate)
 
     async def close(self) -> None:
@@ -185,7 +191,7 @@ class RedisBackend:
             return await command()
         except (self._redis.RedisError, OSError) as exc:
             raise BackendError(
-                f"lost the backend {public_url(self.url)} mid-run ({_reason(exc)}); this shard stopped rather "
+                f"lost the backend {public_url(self.url)} mid-run ({_reason(exc, self.url)}); this shard stopped rather "
                 "than go on with limits of its own. Its finished recipients are in its journal: run the same "
                 "command again once Redis is back"
             ) from None
