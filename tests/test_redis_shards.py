@@ -95,26 +95,34 @@ def redis_server() -> Iterator[RedisServer]:
 class ShopApi:
     """/cart/<id> (needs a token from /oauth/token) and /promo (the same URL for everyone)."""
 
-    def __init__(self, api: Api, *, cart_status: int = 200, cart_delay: float = 0.0, barrier: bool = False) -> None:
+    def __init__(self, api: Api, *, cart_status: int = 200, cart_delay: float = 0.0, hold_carts: bool = False,
+                 hold_promo: bool = False) -> None:
         self.api = api
-        # barrier: hold /cart answers until every shard has asked one (they start seconds
-        # apart on a busy machine), so that the shards are surely running at once.
-        self.barrier = threading.Event() if barrier else None
+        # Shards start seconds apart on a busy machine. hold_carts: hold /cart answers until
+        # every shard has asked one, so that they surely run at once; hold_promo: hold the
+        # /promo answer until then, so that every shard needs it while it is in flight.
+        self.all_shards = threading.Event()
+        self.hold_carts, self.hold_promo = hold_carts, hold_promo
         self.shards_seen: set[int] = set()
         self.tokens = TokenServer(api, expires_in=3600)
         self.cart_status, self.cart_delay = cart_status, cart_delay
         api.route(r"/cart/(\w+)")(self._cart)
-        api.route(r"/promo")(lambda request, match: Response(200, {"text": "10% off"}, {"Cache-Control": "max-age=60"}))
+        api.route(r"/promo")(self._promo)
+
+    def _promo(self, request: Request, match: re.Match[str]) -> Response:
+        if self.hold_promo:
+            self.all_shards.wait(timeout=60)
+        return Response(200, {"text": "10% off"}, {"Cache-Control": "max-age=60"})
 
     def _cart(self, request: Request, match: re.Match[str]) -> Response:
         if self.tokens.check(request) is None:
             return Response(401, {"error": "invalid_token"})
-        if self.barrier is not None:
-            with self.api.lock:
-                self.shards_seen.add(shard_of(match.group(1), SHARDS))
-                if len(self.shards_seen) == SHARDS:
-                    self.barrier.set()
-            self.barrier.wait(timeout=60)
+        with self.api.lock:
+            self.shards_seen.add(shard_of(match.group(1), SHARDS))
+            if len(self.shards_seen) == SHARDS:
+                self.all_shards.set()
+        if self.hold_carts:
+            self.all_shards.wait(timeout=60)
         if self.cart_status != 200:
             return Response(self.cart_status, {"error": "down"})
         return Response(200, {"products": [f"Mug for {match.group(1)}"]}, delay=self.cart_delay)
@@ -145,9 +153,12 @@ def campaign_for(
     return path
 
 
-def start_shard(campaign: Path, out: Path, k: int, backend: str, *args: str) -> subprocess.Popen[str]:
+def start_shard(campaign: Path, out: Path, k: int, backend: str, *args: str, run: int = 0) -> subprocess.Popen[str]:
+    # Each shard (and each run of it) with a cache folder of its own, as on machines of their own:
+    # only the backend can share an answer.
+    cache = out.parent / f"disk-cache-{k}-{run}"
     command = [sys.executable, "-m", "emailpers", "render", str(campaign), "--out", str(out), "--workers", "0",
-               "--no-progress", "--shard", f"{k}/{SHARDS}", "--backend", backend, *args]
+               "--no-progress", "--shard", f"{k}/{SHARDS}", "--backend", backend, "--cache-dir", str(cache), *args]
     return subprocess.Popen(command, env={**os.environ, **SECRETS}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -178,6 +189,7 @@ def most_in_one_second(times: list[float]) -> int:
 def test_four_shard_processes_share_one_rate_limit_token_and_cache(
     redis_server: RedisServer, shop: ShopApi, tmp_path: Path
 ) -> None:
+    shop.hold_promo = True
     campaign = campaign_for(tmp_path / "c", shop)
     out = tmp_path / "out"
     results = run_shards(campaign, out, redis_server.url)
@@ -193,6 +205,8 @@ def test_four_shard_processes_share_one_rate_limit_token_and_cache(
     assert len(carts) == len(ROWS)
     assert most_in_one_second([r.at for r in carts]) <= RATE
     assert len(shop.api.seen("/oauth/token", "POST")) == 1
+    # /promo, the same URL for everyone, was answered only once all shards needed it:
+    # the others waited for the first shard's request instead of asking too.
     assert len(shop.api.seen(r"^/promo$")) == 1
     promo_hits = sum(json.loads((out / "shards" / f"{k}-of-{SHARDS}.report.json").read_text())["sources"]["promo"]
                      ["requests"] for k in range(SHARDS))  # fmt: skip
@@ -220,8 +234,10 @@ def test_a_shard_killed_with_sigkill_resumes_only_its_share(
     assert 5 <= len(done_before) < len(share)
     asked_before = len(shop.carts())
 
-    rerun = start_shard(campaign, out, 1, redis_server.url)
+    rerun = start_shard(campaign, out, 1, redis_server.url, run=1)
     assert rerun.wait(timeout=120) == 0, rerun.communicate()
+    # The rerun (with a disk cache of its own) took /promo from the shared cache.
+    assert len(shop.api.seen(r"^/promo$")) == 1
     again = {r.path.removeprefix("/cart/") for r in shop.carts()[asked_before:]}
     assert again and again <= share - done_before  # only its own share, and only what it had not finished
     assert sorted(journal_ids(out, 1)) == sorted(share)  # each of its recipients exactly once
@@ -232,7 +248,7 @@ def test_a_shard_killed_with_sigkill_resumes_only_its_share(
 def test_an_outage_trips_every_shards_guard(redis_server: RedisServer, tmp_path: Path) -> None:
     api = Api()
     with running(api):
-        shop = ShopApi(api, cart_status=503, barrier=True)
+        shop = ShopApi(api, cart_status=503, hold_carts=True)
         campaign = campaign_for(tmp_path / "c", shop, ROWS[:56], rate=200, concurrency=32)
         results = run_shards(campaign, tmp_path / "out", redis_server.url, "--concurrency", "2")
     # Each shard alone has fewer recipients than the guard's minimum of 20 fetches:
