@@ -133,3 +133,12 @@ def test_a_shard_sweeps_only_its_own_unlisted_files(tmp_path: Path) -> None:
     assert "1 recipients this run" in result.output
     assert (out / "messages" / f"{theirs}.eml").read_bytes() == b"in the making"
     assert (out / "messages" / f"{mine}.eml").read_bytes() != b"half"
+
+
+def test_cache_warm_warms_only_its_shard(api: ScriptedAPI, tmp_path: Path) -> None:
+    api.serve("/cart/*", {"products": ["Mug"]})
+    campaign = write_campaign(tmp_path / "c", sources={"shop": source(api.url + "/cart/{{ id }}")}, recipients=ROWS)
+    result = run("cache", "warm", campaign, "--no-progress", "--shard", "1/4")
+    assert result.exit_code == 0, result.output
+    asked = sorted(r.path.removeprefix("/cart/") for r in api.requests)
+    assert asked == sorted(r["id"] for r in ROWS if shard_of(r["id"], 4) == 1)
