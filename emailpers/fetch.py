@@ -399,16 +399,18 @@ class Fetcher:
     ) -> Response:
         """One request: a rate-limit slot, the current token, the timeout."""
         source = runtime.source
+        if runtime.token is not None and runtime.rate is not None:
+            # A token before the rate slot too: a slot granted, then spent waiting for the
+            # token endpoint, would send the requests granted meanwhile all at once.
+            await runtime.token.header(renew_from=renew_from)
+        if runtime.rate is not None:
+            await runtime.rate.wait()
+        runtime.stats.requests += 1
         if runtime.token is not None:
-            # The token first: a rate slot taken before a wait for the token endpoint
-            # would send the requests queued behind it all at once when it answers.
             headers["Authorization"] = await runtime.token.header(renew_from=renew_from)
             # The base of the token just used: a renewed token's base from then on,
             # even for a request that was queued (or refused) before the renewal.
             url = await runtime.absolute(url)
-        if runtime.rate is not None:
-            await runtime.rate.wait()
-        runtime.stats.requests += 1
         try:
             async with asyncio.timeout(source.timeout):
                 return await self._get(url, headers, source)

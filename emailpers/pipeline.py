@@ -385,6 +385,7 @@ class Run:
         for row in read_recipients(self.campaign.recipients):
             # Every copy of an id hashes to the same shard, so duplicates are still found.
             if shard is not None and not (shard.owns(row.id) if row.id is not None else shard.owns_row(row.number)):
+                self.progress(1, True)  # another shard's: behind us, like a resumed row (the bar counts the file)
                 continue
             if row.problem is None and row.id is not None and row.id in seen:
                 row = replace(row, problem=f"duplicate id {row.id!r} (first seen earlier in the file)")
@@ -459,7 +460,9 @@ def _execute(run: Run) -> Report:
     the campaign's secrets are out of os.environ, so that no process started
     meanwhile (render processes, multiprocessing's resource tracker) has them
     in its environment."""
-    with stop_on_signals(run._on_signal), environment_without(_secrets(run.campaign)):
+    # The backend URL may carry Redis's password; the render processes need neither.
+    backend = [run.options.backend] if run.options.backend else []
+    with stop_on_signals(run._on_signal), environment_without([*_secrets(run.campaign), *backend]):
         return run.execute()
 
 
