@@ -142,3 +142,24 @@ def test_cache_warm_warms_only_its_shard(api: ScriptedAPI, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     asked = sorted(r.path.removeprefix("/cart/") for r in api.requests)
     assert asked == sorted(r["id"] for r in ROWS if shard_of(r["id"], 4) == 1)
+
+
+def test_the_backend_comes_from_the_option_the_environment_or_the_campaign(tmp_path: Path) -> None:
+    pytest.importorskip("redis", reason="the redis client is the emailpers[redis] extra")
+    campaign = write_campaign(tmp_path / "c", recipients=ROWS, extra='\n[run]\nbackend = "redis://127.0.0.1:1/0"\n')
+    out = tmp_path / "out"
+    from_campaign = render_shard(campaign, out, "0/2")
+    assert from_campaign.exit_code == 1
+    assert from_campaign.stderr.startswith("Error: cannot reach the backend redis://127.0.0.1:1/0: ")
+    from_env = render_shard(campaign, out, "0/2", env={"EMAILPERS_BACKEND": "redis://:pw@127.0.0.1:2/0"})
+    assert "cannot reach the backend redis://:***@127.0.0.1:2/0: " in from_env.stderr
+    assert "pw@" not in from_env.stderr
+    option = render_shard(campaign, out, "0/2", "--backend", "redis://127.0.0.1:3/0",
+                          env={"EMAILPERS_BACKEND": "redis://127.0.0.1:2/0"})
+    assert "cannot reach the backend redis://127.0.0.1:3/0: " in option.stderr
+    assert not out.exists()  # nothing written before the backend answered
+
+    bad = write_campaign(tmp_path / "d", recipients=ROWS, extra='\n[run]\nbackend = "http://redis:6379"\n')
+    result = render_shard(bad, out, "0/2")
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {bad}:11: [run] backend must be a redis://, rediss:// or unix:// URL\n"
