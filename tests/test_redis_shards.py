@@ -172,7 +172,9 @@ def journal_ids(out: Path, k: int) -> list[str]:
     path = out / "shards" / f"{k}-of-{SHARDS}.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()]
+    # Read while the shard may be appending: a line without its newline yet is not there yet.
+    lines = path.read_bytes().split(b"\n")[:-1]
+    return [json.loads(line)["id"] for line in lines]
 
 
 def most_in_one_second(times: list[float]) -> int:
