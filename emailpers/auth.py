@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import math
 import re
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from emailpers.campaign import LOOPBACK_HOSTS, Auth
 from emailpers.errors import AuthFailed
 from emailpers.http import BadBody, BodyTooLarge, ConnectionFailed, HttpClient
+
+if TYPE_CHECKING:
+    from emailpers.backend import TokenStore
 
 TOKEN_MAX_BYTES = 64 * 1024  # a token response is a few KB; a larger one is refused, not read
 TOKEN_TIMEOUT = 10.0  # seconds for one token request
@@ -50,8 +55,18 @@ class TokenProvider:
 
     RENEW_MARGIN = 30.0  # seconds before expiry
 
-    def __init__(self, auth: Auth, client: HttpClient, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        auth: Auth,
+        client: HttpClient,
+        clock: Callable[[], float],
+        *,
+        store: TokenStore | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.auth = auth
+        self.store = store  # shared with other shards: one token for all (backend.TokenStore)
+        self.wall_clock = wall_clock
         self.client = client
         self.clock = clock
         self.token = ""
@@ -84,10 +99,32 @@ class TokenProvider:
         stale = self.clock() >= self.expires_at - min(self.RENEW_MARGIN, self._lifetime / 10)
         if not self.token or stale or self.token == renew_from:
             try:
-                await self._renew()
+                await (self._renew() if self.store is None else self._renew_shared(renew_from))
             except AuthFailed as exc:
                 self._failed = exc
                 raise
+
+    async def _renew_shared(self, renew_from: str | None) -> None:
+        """Renew under the shards' lock: whoever holds it first asks the endpoint;
+        the others, once they hold it, find its token stored and take it."""
+        from emailpers.backend import SharedToken
+        from emailpers.cache import request_identity
+
+        assert self.store is not None
+        key = hashlib.sha256(request_identity({}, self.auth).encode()).hexdigest()[:32]  # no secret in a key
+        async with self.store.lock(key):
+            shared = await self.store.load(key)
+            if shared is not None and shared.token not in (renew_from, self.token):
+                left = shared.expires_at - self.wall_clock()
+                if left > min(self.RENEW_MARGIN, shared.lifetime / 10) and _TOKEN.fullmatch(shared.token):
+                    where = f"{self.auth.where} token_url {self.auth.token_url} (shared)"
+                    bases = {name: _base_url(shared.bases.get(name), name, where) for name in sorted(self.base_fields)}
+                    self.token, self._lifetime, self._bases = shared.token, shared.lifetime, bases
+                    self.expires_at = self.clock() + left
+                    return
+            await self._renew()
+            left = self.expires_at - self.clock()
+            await self.store.save(key, SharedToken(self.token, self.wall_clock() + left, self._lifetime, self._bases))
 
     def _request(self) -> tuple[dict[str, str] | None, dict[str, str | int] | None, dict[str, str]]:
         """(form, json, headers) of the token request, per `client_auth`. An

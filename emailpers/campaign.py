@@ -186,6 +186,7 @@ class Campaign:
     dkim: Dkim | None = None
     amp: Amp | None = None
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    backend: str | None = None  # [run] backend: redis://... shared by a run's shards (redis_backend.py)
 
     @property
     def root(self) -> Path:
@@ -360,7 +361,12 @@ def load_campaign(
         raise CampaignError(f"{path}: not valid TOML: {exc}") from None
     loader = _Loader(path, text, need_secrets, os.environ if env is None else env)
     top = _Table(loader, data, "campaign file")
-    top.no_unknown({"campaign", "recipients", "sources", "auth", "send", "preview"})
+    top.no_unknown({"campaign", "recipients", "sources", "auth", "send", "preview", "run"})
+    run_table = _Table(loader, top.get("run", dict, {}), "[run]")
+    run_table.no_unknown({"backend"})
+    backend = run_table.get("backend", str)
+    if backend is not None and not backend.startswith(("redis://", "rediss://", "unix://")):
+        raise loader.error("[run]", "backend", "must be a redis://, rediss:// or unix:// URL")
 
     c = _Table(loader, top.get("campaign", dict, required=True), "[campaign]")
     c.no_unknown({
@@ -408,6 +414,7 @@ def load_campaign(
         dkim=_load_dkim(loader, _Table(loader, top.get("send", dict, {}), "[send]")),
         amp=_load_amp(loader, c),
         preview=_load_preview(loader, top.get("preview", dict, {})),
+        backend=backend,
     )
 
 

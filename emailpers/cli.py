@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -48,6 +49,7 @@ from emailpers.relay import (
 from emailpers.report import STATUSES, summary
 from emailpers.send import send_messages
 from emailpers.sendreport import send_exit_code, send_summary
+from emailpers.shards import Shard, parse_shard, status
 
 
 # auto_envvar_prefix: every option can also come from EMAILPERS_<COMMAND>_<OPTION>
@@ -225,6 +227,14 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             click.option("-q", "--quiet", is_flag=True, help="Print errors only (cron mails every line printed)."),
             click.option("-v", "--verbose", is_flag=True,
                          help="Print each request on stderr: method, URL, status (or error) and time."),
+            click.option("--shard", metavar="K/N",
+                         help="Do only shard K (0..N-1) of N: the recipients whose id hashes to K. auto/N reads K "
+                              "from JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX, SLURM_ARRAY_TASK_ID or "
+                              "CI_NODE_INDEX (1-based). Shards share one --out."),
+            click.option("--backend", metavar="redis://HOST:PORT/DB", envvar="EMAILPERS_BACKEND", show_envvar=True,
+                         help="Share the response cache, rate limits, concurrency caps, OAuth token, request "
+                              "dedupe and error guard with every other shard through Redis [default: [run] "
+                              "backend; none: this process alone, cache on disk]."),
         ]
     ):
         func = option(func)
@@ -277,6 +287,8 @@ def render(
     amp_unvalidated: bool,
     record: Path | None,
     replay: Path | None,
+    shard: str | None,
+    backend: str | None,
 ) -> None:
     """Render CAMPAIGN (a .toml file) for every recipient into --out.
 
@@ -302,6 +314,7 @@ def render(
                                  need_secrets=not (offline or replay is not None))
         if amp_unvalidated and campaign.amp is not None:
             campaign = replace(campaign, amp=replace(campaign.amp, validate=False))
+        part = _shard(shard)
         options = RunOptions(
             out=out,
             formats=formats,
@@ -317,6 +330,8 @@ def render(
             record=record,
             replay=replay,
             log_request=_log_request if verbose else None,
+            shard=part,
+            backend=backend or campaign.backend,
         )
         with _progress(campaign, progress and not quiet) as update:
             report = render_campaign(campaign, options, update)
@@ -324,7 +339,8 @@ def render(
         click.echo(json.dumps(report.to_json(), indent=2))
     elif not quiet:
         click.echo(summary(report))
-        click.echo(f"Output: {out}/ (manifest.jsonl, report.json, messages/)")
+        journal = "manifest.jsonl, report.json" if part is None else f"shards/{part.name}.jsonl and .report.json"
+        click.echo(f"Output: {out}/ ({journal}, messages/)")
     if report.failed_earlier:
         click.echo(f"{report.failed_earlier} recipients failed in an earlier run; --redo failed does them again", err=True)
     sys.exit(report.exit_code)
@@ -355,6 +371,8 @@ def cache_warm(
     quiet: bool,
     verbose: bool,
     record: Path | None,
+    shard: str | None,
+    backend: str | None,
 ) -> None:
     """Fetch every recipient's data into the cache, render nothing.
 
@@ -369,7 +387,8 @@ def cache_warm(
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
         campaign = load_campaign(campaign_file, path, recipients_label=label)
         options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate,
-                             record=record, log_request=_log_request if verbose else None)
+                             record=record, log_request=_log_request if verbose else None,
+                             shard=_shard(shard), backend=backend or campaign.backend)
         with _progress(campaign, progress and not quiet, "Warming") as update:
             report = warm_cache(campaign, options, update)
     if as_json:
@@ -377,6 +396,44 @@ def cache_warm(
     elif not quiet:
         click.echo(summary(report))
     sys.exit(report.exit_code)
+
+
+def _shard(spec: str | None) -> Shard | None:
+    """--shard, parsed; auto/N says which runner variable it read."""
+    if spec is None:
+        return None
+    part = parse_shard(spec, os.environ)
+    if part.source:
+        click.echo(f"Shard {part} (from {part.source}={os.environ[part.source].strip()})", err=True)
+    return part
+
+
+@cli.command("status")
+@click.argument("out", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def status_command(out: Path) -> None:
+    """Totals of the run in OUT (a render's --out), per shard and overall.
+
+    Exits with the code the whole run deserves: 0 when every shard finished
+    and no recipient failed, 3 when some failed, 4 (or another stop's code)
+    when a shard was stopped, 1 while a shard has not finished (never
+    started, still running, or killed).
+
+    \b
+    Example, after the job runner's last shard:
+      emailpers status out/ && emailpers send out/ --smtp smtp://relay.example:587
+    """
+    with _errors():
+        shards, code = status(out)
+    overall: dict[str, int] = {}
+    for s in shards:
+        for name, n in s.counts.items():
+            overall[name] = overall.get(name, 0) + n
+        figures = "  ".join(f"{name} {n}" for name, n in sorted(s.counts.items())) or "no recipients"
+        state = s.problem or f"finished, exit {s.exit_code}"
+        click.echo(f"shard {s.name}: {figures}   ({state})")
+    total = "  ".join(f"{name} {n}" for name, n in sorted(overall.items()))
+    click.echo(f"overall: {sum(overall.values())} recipients: {total or '-'}   (exit {code})")
+    sys.exit(code)
 
 
 def _open_cache(campaign_file: Path, cache_dir: Path | None) -> tuple[Campaign, ResponseCache]:

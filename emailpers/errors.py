@@ -6,6 +6,7 @@
     ├── OutputError                the output folder cannot be used, or the disk refused a write (exit 1)
     ├── CacheError                 the cache folder cannot be used (exit 1)
     ├── BrowserError               preview --screenshots found no usable Chromium (exit 1)
+    ├── BackendError               the shared backend (Redis) is unreachable at start, or was lost (exit 1)
     ├── AuthFailed                 the OAuth token endpoint gave no token; the run stopped (exit 1)
     ├── RenderProcessDied          a render process was killed; the run stopped (exit 1)
     ├── SendError                  `send` cannot start or go on: relay, TLS, login, folder (exit 1)
@@ -58,6 +59,11 @@ class OutputError(EmailpersError):
 
 class CacheError(EmailpersError):
     """The response cache folder cannot be opened: not writable, damaged, locked."""
+
+
+class BackendError(EmailpersError):
+    """The backend the shards share (--backend redis://...) cannot be reached, or
+    stopped answering mid-run: the run stops rather than go on with limits of its own."""
 
 
 class AuthFailed(EmailpersError):

@@ -25,10 +25,11 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from emailpers import jsondata
 from emailpers.auth import TokenProvider, static_auth_headers
+from emailpers.backend import CacheStore, DiskStore, SharedBackend
 from emailpers.batching import Batcher
-from emailpers.cache import ResponseCache, cache_key, request_identity
+from emailpers.cache import Entry, ResponseCache, cache_key, request_identity
 from emailpers.campaign import Auth, Campaign, Source
-from emailpers.errors import AuthFailed, BadResponse, FetchTimeout, SourceError, TransientError
+from emailpers.errors import AuthFailed, BackendError, BadResponse, FetchTimeout, SourceError, TransientError
 from emailpers.http import BadBody, ConnectionFailed, HttpClient, Response, parse_max_age, parse_retry_after
 from emailpers.outcome import OK_OUTCOMES
 from emailpers.pacing import REAL_TIMING, RateLimiter, RetryPolicy, Timing
@@ -129,6 +130,12 @@ class _SourceRuntime:
         self.slots = asyncio.Semaphore(limit)
         timing = fetcher.timing
         self.rate = RateLimiter(source.rate_limit, timing.clock, timing.sleep) if source.rate_limit else None
+        shared = fetcher.backend
+        if shared is not None:  # the source's limits hold over every shard
+            if source.concurrency:
+                self.slots = shared.slots(source, source.concurrency)  # type: ignore[assignment]
+            if source.rate_limit:
+                self.rate = shared.rate_limiter(source)  # type: ignore[assignment]
         self.policy = RetryPolicy.of(source, timing)
         self.stats = SourceStats()
         self.batcher: Batcher[str, Fetched] | None = None
@@ -153,14 +160,18 @@ class Fetcher:
         self,
         campaign: Campaign,
         client: HttpClient,
-        cache: ResponseCache | None,
+        cache: ResponseCache | CacheStore | None,
         *,
         offline: bool = False,
         concurrency: int = 32,
         timing: Timing = REAL_TIMING,
+        backend: SharedBackend | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
+        # The disk cache is read in this thread; a shared one (backend.CacheStore) over the network.
+        self.store: CacheStore | None = DiskStore(cache) if isinstance(cache, ResponseCache) else cache
+        self.backend = backend  # shared with other shards: cache, limits, token, dedupe (backend.py)
         self.offline = offline
         self.concurrency = concurrency
         self.timing = timing
@@ -178,7 +189,8 @@ class Fetcher:
         # Keyed by the whole configuration: an [auth.X] table and a source X
         # with inline auth share a name, not credentials.
         if auth not in self._tokens:
-            self._tokens[auth] = TokenProvider(auth, self.client, self.clock)
+            store = self.backend.tokens if self.backend is not None else None
+            self._tokens[auth] = TokenProvider(auth, self.client, self.clock, store=store)
         return self._tokens[auth]
 
     def stats(self) -> dict[str, SourceStats]:
@@ -201,7 +213,7 @@ class Fetcher:
         header no one foresaw) is this recipient's error, and its fallback."""
         try:
             return await self._fetch(self.sources[name], fields)
-        except AuthFailed:
+        except (AuthFailed, BackendError):
             raise
         except Exception as exc:
             return self._count(self.sources[name].stats, Fetched("error", error=f"unexpected error: {type(exc).__name__}"))
@@ -219,7 +231,7 @@ class Fetcher:
         # current token's base before it (_send). The key is on the whole URL.
         final_url = await runtime.absolute(url)
         key = cache_key("GET", final_url, runtime.identity)
-        cached = self.cache.get(key) if self.cache is not None and runtime.source.cache_ttl > 0 else None
+        cached = await self._cached(key) if runtime.source.cache_ttl > 0 else None
         if cached is not None and cached.is_fresh(self.wall_clock()):
             stats.cache_hits += 1
             return Fetched("cache", cached.data)
@@ -238,7 +250,13 @@ class Fetcher:
             return answered
         future: asyncio.Future[Fetched] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
+        claimed = False
         try:
+            shared, claimed = await self._other_shard(runtime, key)
+            if shared is not None:
+                stats.dedupe_hits += 1
+                future.set_result(shared)
+                return shared
             if runtime.batcher is not None:
                 result = await runtime.batcher.submit(str(fields[self.id_field]))
             else:
@@ -247,7 +265,7 @@ class Fetcher:
                 stats.stale += 1
                 result = replace(result, outcome="stale", data=cached.data)
             elif result.outcome == "live" and not result.shared:
-                self._store(runtime, key, final_url, result)
+                await self._store(runtime, key, final_url, result)
                 self._remember(key, result)
             future.set_result(result)
             return self._count(stats, result)
@@ -257,6 +275,27 @@ class Fetcher:
             raise
         finally:
             del self._inflight[key]
+            if claimed:
+                assert self.backend is not None
+                await self.backend.dedupe.release(key)
+
+    async def _cached(self, key: str) -> Entry | None:
+        return await self.store.get(key) if self.store is not None else None
+
+    async def _other_shard(self, runtime: _SourceRuntime, key: str) -> tuple[Fetched | None, bool]:
+        """With a shared backend: claim the request, or wait for the shard that did
+        and take its answer from the shared cache. (None, whether we hold the
+        claim): fetch it here."""
+        if self.backend is None or self.store is None:
+            return None, False
+        source = runtime.source
+        hold_for = source.deadline + source.timeout  # the longest one fetch may take, retries included
+        if await self.backend.dedupe.claim(key, hold_for):
+            return None, True
+        entry = await self.backend.dedupe.wait(key, self.store, hold_for)
+        if entry is None or not entry.is_fresh(self.wall_clock()):
+            return None, False  # it stored nothing (an error, no-store): ask ourselves
+        return Fetched("cache", entry.data, shared=True), False
 
     def _remember(self, key: str, result: Fetched) -> None:
         """Recent live answers, so a later recipient asking the same URL in this
@@ -275,12 +314,12 @@ class Fetcher:
             stats.error_kinds[kind] = stats.error_kinds.get(kind, 0) + 1
         return result
 
-    def _store(self, runtime: _SourceRuntime, key: str, url: str, result: Fetched) -> None:
+    async def _store(self, runtime: _SourceRuntime, key: str, url: str, result: Fetched) -> None:
         source = runtime.source
-        if self.cache is None or source.cache_ttl <= 0 or not result.storable:
+        if self.store is None or source.cache_ttl <= 0 or not result.storable:
             return
         fresh_for = source.cache_ttl if result.max_age is None else min(source.cache_ttl, result.max_age)
-        self.cache.set(
+        await self.store.set(
             key, data=result.data, fresh_for=fresh_for, keep_for=fresh_for + source.stale_if_error,
             source=source.name, url=url,
         )
@@ -360,6 +399,10 @@ class Fetcher:
     ) -> Response:
         """One request: a rate-limit slot, the current token, the timeout."""
         source = runtime.source
+        if runtime.token is not None and runtime.rate is not None:
+            # A token before the rate slot too: a slot granted, then spent waiting for the
+            # token endpoint, would send the requests granted meanwhile all at once.
+            await runtime.token.header(renew_from=renew_from)
         if runtime.rate is not None:
             await runtime.rate.wait()
         runtime.stats.requests += 1

@@ -33,11 +33,10 @@ from typing import Any
 from emailpers.errors import OutputError
 from emailpers.outcome import OK_OUTCOMES, by_row
 from emailpers.output import MANIFEST, MESSAGES, REPORT, is_message_file, write_atomic
+from emailpers.shards import RUN, Shard
 
-RUN = "run.json"
 LOCK = ".emailpers.lock"
 _RUN_VERSION = 1
-_REDO_TMP = f".{MANIFEST}.redo.tmp"
 
 
 def fingerprint(root: Path, files: Iterable[Path], formats: str) -> dict[str, Any]:
@@ -53,6 +52,8 @@ def fingerprint(root: Path, files: Iterable[Path], formats: str) -> dict[str, An
 def describe_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     """What differs between two fingerprints, in words; None when nothing does."""
     changes = []
+    if before.get("shards") != now.get("shards"):
+        changes.append(f"it was run as {before.get('shards') or 'no'} shards, now {now.get('shards') or 'no'} shards")
     if before.get("format") != now["format"]:
         changes.append(f"--format was {before.get('format')}, now {now['format']}")
     old, new = before.get("files") or {}, now["files"]
@@ -112,18 +113,29 @@ class Manifest:
         run: dict[str, Any],
         redo: Collection[str] = (),
         clock: Callable[[], float] = time.monotonic,
+        shard: Shard | None = None,
     ) -> None:
         self.out = out
-        self.path = out / MANIFEST
+        self.shard = shard  # one of N shards sharing `out`: its own journal, lock and report (shards.py)
+        self.path = out / MANIFEST if shard is None else shard.journal(out)
+        self._redo_tmp = self.path.with_name(f".{self.path.name}.redo.tmp")
+        if shard is not None:
+            run = {**run, "shards": shard.count}
         self._clock = clock
         self._fd = -1
         self._lock_fd = -1
         self._broken = False
         try:
             out.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(exist_ok=True)
             self._lock()
-            self.path.with_name(_REDO_TMP).unlink(missing_ok=True)  # from a redo killed mid-rewrite
-            if fresh:
+            self._redo_tmp.unlink(missing_ok=True)  # from a redo killed mid-rewrite
+            if shard is not None:
+                # Its report goes until this run writes a new one: `status` reads a shard without one as unfinished.
+                shard.report(out).unlink(missing_ok=True)
+                if fresh:
+                    self.path.unlink(missing_ok=True)
+            elif fresh:
                 for name in (MANIFEST, REPORT, RUN):
                     (out / name).unlink(missing_ok=True)
             (out / MESSAGES).mkdir(exist_ok=True)
@@ -146,13 +158,14 @@ class Manifest:
     # -- opening --------------------------------------------------------------------
 
     def _lock(self) -> None:
-        self._lock_fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.out / LOCK if self.shard is None else self.shard.lock(self.out)
+        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputError(
-                f"{self.out}: another emailpers run is using this output folder; wait for it to end, "
-                "or give this run another --out"
+                f"{self.out}: another emailpers run{f' of shard {self.shard}' if self.shard else ''} is using this "
+                "output folder; wait for it to end, or give this run another --out"
             ) from None
 
     def _release(self) -> None:
@@ -164,6 +177,10 @@ class Manifest:
     def _check_run(self, run: dict[str, Any], *, started: bool) -> None:
         """A folder with finished recipients resumes only the campaign that started it."""
         path = self.out / RUN
+        if not started and (self.shard is not None or _sharded(path)):
+            # Shards share run.json: the first to start writes it (exclusively: two
+            # starting at once cannot both), every other one compares.
+            started = not _create_exclusive(path, (json.dumps(run, indent=2) + "\n").encode())
         if started:
             try:
                 before = json.loads(path.read_text(encoding="utf-8"))
@@ -176,9 +193,13 @@ class Manifest:
                 raise OutputError(f"{path}: not a run file; run with --fresh to start over, or use a new --out") from None
             change = describe_change(before, run) if isinstance(before, dict) else f"{RUN} is not an object"
             if change is not None:
+                todo = "Run with --fresh to start over, or use a new --out"
+                if self.shard is not None or "shards" in before:
+                    todo = ("Every shard of a run needs the same campaign, --format and N; to start another "
+                            "sharded run, use a new --out")
                 raise OutputError(
                     f"{self.out}: was started by a different campaign or templates ({change}); resuming would mix "
-                    "two versions of the email. Run with --fresh to start over, or use a new --out"
+                    f"two versions of the email. {todo}"
                 )
             return
         write_atomic(path, (json.dumps(run, indent=2) + "\n").encode())
@@ -220,7 +241,7 @@ class Manifest:
         the old whole (and durably) before any file is deleted, so a crash
         at any point leaves each recipient either with its old line and files,
         or with neither (then it is redone)."""
-        tmp = self.path.with_name(_REDO_TMP)
+        tmp = self._redo_tmp
         try:
             with open(tmp, "wb") as f:
                 for _, line, entry in self._lines():
@@ -239,6 +260,11 @@ class Manifest:
             name = entry.name
             leftover = name.startswith(".") and name.endswith(".tmp")
             if (leftover or (is_message_file(name) and f"{MESSAGES}/{name}" not in listed)) and entry.is_file():
+                # A shard sweeps only its own recipients' files: another shard's may be
+                # in the middle of being written. A temporary file names no recipient:
+                # a shard leaves them to an unsharded run or --fresh (they are hidden).
+                if self.shard is not None and (leftover or not self.shard.owns_file(name)):
+                    continue
                 os.unlink(entry.path)
 
     # -- during and after the run -------------------------------------------------------
@@ -289,3 +315,25 @@ class Manifest:
             self.flush()
         finally:
             self._release()
+
+
+def _sharded(path: Path) -> bool:
+    """Whether run.json says shards started the folder (an unsharded run must then compare too)."""
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and "shards" in run
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Write `path` whole unless it exists; False when it did (another shard was first)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_atomic(tmp, data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)

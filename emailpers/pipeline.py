@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from emailpers import amp
+from emailpers.backend import SharedBackend
 from emailpers.batching import Batcher
 from emailpers.cache import DEFAULT_CACHE_DIR, ResponseCache
 from emailpers.campaign import Campaign
@@ -32,12 +33,13 @@ from emailpers.fetch import Fetched, Fetcher, SourceStats
 from emailpers.fixtures import LoggingClient, RecordingClient, ReplayClient
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
-from emailpers.outcome import Outcome, RenderRequest, RenderResult, SourceResult, decide
+from emailpers.outcome import LOCAL_OUTCOMES, Outcome, RenderRequest, RenderResult, SourceResult, decide
 from emailpers.output import REPORT, write_atomic
 from emailpers.pacing import REAL_TIMING, Timing
 from emailpers.processes import RenderPool, environment_without, stop_on_signals
 from emailpers.recipients import Preflight, Row, preflight, read_recipients
 from emailpers.report import Report, SourceFigures, build_report
+from emailpers.shards import Shard
 from emailpers.tally import HealthGuard, Tally
 from emailpers.unsubscribe import unsubscribe_token
 
@@ -73,6 +75,8 @@ class RunOptions:
     record: Path | None = None
     replay: Path | None = None
     log_request: Callable[[str], None] | None = None  # -v: one line per request (method, URL, status, time)
+    shard: Shard | None = None  # do only this shard's recipients (shards.py)
+    backend: str | None = None  # redis://...: share cache, limits, token, dedupe and guard with other shards
 
 
 def default_workers() -> int:
@@ -174,6 +178,7 @@ class Run:
         self._tasks: set[asyncio.Task[None]] = set()
         self._rendering: set[asyncio.Task[None]] = set()  # tasks whose recipient is in a render process
         self._wake = asyncio.Event()  # set on a stop, and when the last task ends
+        self.shared: SharedBackend | None = None  # --backend: what every shard shares
 
     def execute(self) -> Report:
         """Run, then always: close, sweep what a stop left unlisted, report.
@@ -190,13 +195,20 @@ class Run:
         running = False  # past the checks that keep a run from starting: from here on, a report
         try:
             fixtures = self.options.record is not None or self.options.replay is not None
-            if (self.options.use_cache or self.options.offline) and not fixtures:
+            if self.options.backend is not None:
+                # Before anything is written: a backend that is not there stops the run at once (exit 1).
+                from emailpers.redis_backend import check_reachable
+
+                check_reachable(self.options.backend)
+            elif (self.options.use_cache or self.options.offline) and not fixtures:
                 # First: an unusable cache folder stops the run before --fresh clears anything.
                 cache = ResponseCache(cache_directory(self.campaign, self.options), clock=self.timing.wall_clock)
             if out is not None and self.job is not None:
                 files = campaign_files(self.campaign, self.job.renderer.template_files)
                 run = fingerprint(self.campaign.root, files, self.options.formats)
-                self.manifest = Manifest(out, fresh=self.options.fresh, run=run, redo=self.options.redo)
+                self.manifest = Manifest(
+                    out, fresh=self.options.fresh, run=run, redo=self.options.redo, shard=self.options.shard
+                )
             pool = self._pool()
             running = True
             asyncio.run(self._run(cache, pool))
@@ -217,11 +229,15 @@ class Run:
                     self.on_disk = on_disk
         report = self._build_report(time.monotonic() - started, error)
         if out is not None and running:
+            shard = self.options.shard
+            path = out / REPORT if shard is None else shard.report(out)
+            # A shard's report carries its exit code: `emailpers status` totals the shards.
+            extra = {} if shard is None else {"shard": str(shard), "exit_code": report.exit_code}
             try:
-                write_atomic(out / REPORT, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+                write_atomic(path, (json.dumps({**report.to_json(), **extra}, indent=2) + "\n").encode())
             except OSError as exc:
                 if error is None:  # the run's exit code is this error's now
-                    error = OutputError(f"{out / REPORT}: cannot write the report: {exc.strerror}")
+                    error = OutputError(f"{path}: cannot write the report: {exc.strerror}")
                     report = replace(report, stop_code=error.exit_code)
         if error is not None:
             if isinstance(error, EmailpersError) and running:
@@ -333,10 +349,18 @@ class Run:
                     ) from None
 
             self.render_queue = Batcher(RENDER_CHUNK, RENDER_LINGER, render_chunk)
+        backend: SharedBackend | None = None
+        if options.backend is not None:
+            from emailpers.redis_backend import RedisBackend
+
+            backend = await RedisBackend.connect(options.backend, self.campaign.name, self.tally.guard.max_error_rate)
+            self.shared = backend
+        store = backend.cache if backend is not None and (options.use_cache or options.offline) else cache
         async with run_client(options) as client:
             fetcher = Fetcher(
-                self.campaign, client, cache, offline=options.offline, concurrency=options.concurrency, timing=self.timing
-            )
+                self.campaign, client, store, offline=options.offline, concurrency=options.concurrency,
+                timing=self.timing, backend=backend,
+            )  # fmt: skip
             self.network = fetcher.stats()  # read at the report, whatever ends the run
             batch_sizes = [s.batch.size for s in self.campaign.sources.values() if s.batch]
             window = asyncio.Semaphore(2 * max([options.concurrency, *batch_sizes]))
@@ -375,6 +399,8 @@ class Run:
                 await self._wind_down()
                 self._loop = None
                 self.network = fetcher.stats()
+                if backend is not None:
+                    await backend.close()
             if self.fatal is not None:
                 raise self.fatal
             if self.signal is not None:
@@ -384,7 +410,12 @@ class Run:
         """Rows still to do, with duplicate ids turned invalid. Rows an earlier
         run finished count as progress at once."""
         done = self.manifest.done if self.manifest else Done()
+        shard = self.options.shard
         for row in read_recipients(self.campaign.recipients):
+            # Every copy of an id hashes to the same shard, so duplicates are still found.
+            if shard is not None and not (shard.owns(row.id) if row.id is not None else shard.owns_row(row.number)):
+                self.progress(1, True)  # another shard's: behind us, like a resumed row (the bar counts the file)
+                continue
             if row.problem is None and row.id is not None and row.id in seen:
                 row = replace(row, problem=f"duplicate id {row.id!r} (first seen earlier in the file)")
             elif row.problem is None and row.id is not None:
@@ -402,6 +433,10 @@ class Run:
         fetched = await fetcher.fetch_all(row.fields)
         results = {name: source_result(r) for name, r in fetched.items()}
         self.tally.fetched(results)
+        if self.shared is not None:  # the window every shard shares: an outage stops them all
+            for name, result in results.items():
+                if result.outcome not in LOCAL_OUTCOMES and not result.shared:
+                    await self.shared.guard.check(name, None if result.ok else (result.error or result.outcome))
         if self.job is None:  # cache warm: the fetch was the whole job
             self._record(decide(row, results, warm=True))
             return
@@ -457,7 +492,9 @@ def _execute(run: Run) -> Report:
     the campaign's secrets are out of os.environ, so that no process started
     meanwhile (render processes, multiprocessing's resource tracker) has them
     in its environment."""
-    with stop_on_signals(run._on_signal), environment_without(_secrets(run.campaign)):
+    # The backend URL may carry Redis's password; the render processes need neither.
+    backend = [run.options.backend] if run.options.backend else []
+    with stop_on_signals(run._on_signal), environment_without([*_secrets(run.campaign), *backend]):
         return run.execute()
 
 

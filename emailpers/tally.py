@@ -33,6 +33,15 @@ class FetchResult(Protocol):
     def ok(self) -> bool: ...
 
 
+def unhealthy(name: str, failed: int, window: int, max_error_rate: float, common: str) -> UnhealthySource:
+    """The error that stops a run on an unhealthy source (here, or in the window all shards share)."""
+    return UnhealthySource(
+        f"source {name!r}: {failed} of its last {window} fetches failed (more than "
+        f"{max_error_rate:.0%}); most common error: {common}. Stopped early; "
+        "fix the API and run the same command again to resume"
+    )
+
+
 class HealthGuard:
     """Stops the run when more than `max_error_rate` of a source's latest
     HEALTH_WINDOW network fetches failed: an API that dies at recipient 10,000
@@ -56,11 +65,7 @@ class HealthGuard:
             failed = self.failed[name] = failed - 1
         if len(recent) >= self.minimum and failed / len(recent) > self.max_error_rate:
             common = Counter(e for e in recent if e is not None).most_common(1)[0][0]
-            raise UnhealthySource(
-                f"source {name!r}: {failed} of its last {len(recent)} fetches failed (more than "
-                f"{self.max_error_rate:.0%}); most common error: {common}. Stopped early; "
-                "fix the API and run the same command again to resume"
-            )
+            raise unhealthy(name, failed, len(recent), self.max_error_rate, common)
 
 
 class Tally:

@@ -54,7 +54,7 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
     campaign = write_campaign(tmp_path / "c", extra="\n[sauces.shop]\nurl = 'x'\n")
     assert_refused(campaign, tmp_path / "out",
                    f"{campaign}:{line_of(campaign, 'sauces')}: campaign file sauces unknown key (did you mean 'sources'?); "
-                   "known keys: auth, campaign, preview, recipients, send, sources")
+                   "known keys: auth, campaign, preview, recipients, run, send, sources")
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ ALL_COMMANDS = commands(cli)
 def test_the_expected_commands_exist() -> None:
     assert sorted(" ".join(path) for path, _ in ALL_COMMANDS) == [
         "", "amp", "amp fetch-validator", "amp where", "cache", "cache clear", "cache stats", "cache warm", "check",
-        "demo", "preview", "render", "send",
+        "demo", "preview", "render", "send", "status",
     ]
 
 
