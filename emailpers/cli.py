@@ -526,11 +526,14 @@ def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> s
               help="Send without TLS to a relay that offers no STARTTLS (loopback relays are allowed anyway).")
 @click.option("--ca-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Trust this CA bundle (PEM) for the relay's certificate, e.g. a company CA.")
+@click.option("--shard", metavar="K/N",
+              help="Send only shard K of a run rendered with --shard K/N (auto/N as for render), with its own "
+                   "journal OUT/shards/K-of-N.sent.jsonl: N senders side by side [default: the whole run].")
 def send(
     out: Path, smtp_url: str, user_env: str, password_env: str, campaign_file: Path | None, connections: int,
     rate: float | None, retries: int, backoff: float, to_override: str | None, mail_from: str | None,
     limit: int | None, dry_run: bool, resend_unknown: bool, partial: bool, allow_plaintext: bool,
-    ca_file: Path | None,
+    ca_file: Path | None, shard: str | None,
 ) -> None:
     """Send the messages a render wrote into OUT through an SMTP relay.
 
@@ -538,7 +541,8 @@ def send(
     journals every transaction; running the same command again sends only what
     is not yet sent or rejected. Exit 0 when every message is sent, 3 when some
     are rejected, deferred or unknown, 1 on an error, 130/143 after SIGINT/SIGTERM
-    (the transactions in flight finish first).
+    (the transactions in flight finish first). A sharded run is sent whole (every
+    shard's journal) or one shard per sender with --shard; not both.
 
     \b
     Example:
@@ -555,15 +559,17 @@ def send(
             retries=retries, backoff=backoff, to_override=to_override, mail_from=mail_from, limit=limit,
             dry_run=dry_run, resend_unknown=resend_unknown, partial=partial, dkim=signer, ca_file=ca_file,
         )  # fmt: skip
+        part = _shard(shard)
         try:
-            report = send_messages(options)
+            report = send_messages(options, shard=part)
         except EmailpersError as exc:
             if exc.send_report is not None:  # what the send did before it stopped
                 click.echo(send_summary(exc.send_report))
             raise
     click.echo(send_summary(report))
     if not dry_run:
-        click.echo(f"Journal: {out}/sent.jsonl, report: {out}/send-report.json")
+        where = f"{out}/" if part is None else f"{out}/shards/{part.name}."
+        click.echo(f"Journal: {where}sent.jsonl, report: {where}send-report.json")
     sys.exit(send_exit_code(report))
 
 

@@ -13,6 +13,9 @@
   may not have taken it.
 - `.emailpers.lock` (manifest.py) is held while sending: a render still
   running on the folder, or a second send, is refused.
+- A sharded run (shards.py) is sent whole (every shard's journal, each
+  shard's lock held) or one shard at a time (`--shard K/N`: that shard's
+  journal, its own `shards/K-of-N.sent.jsonl`); `open_folder` says which.
 """
 
 from __future__ import annotations
@@ -20,15 +23,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emailpers.errors import SendError
 from emailpers.manifest import LOCK
 from emailpers.output import MANIFEST, MESSAGES, REPORT, message_files
+from emailpers.shards import RUN, SHARDS, Shard
 
 JOURNAL = "sent.jsonl"
+SEND_REPORT = "send-report.json"
 SENDABLE = frozenset({"rendered", "fallback"})
 DONE = frozenset({"sent", "rejected"})  # a rerun never sends these again
 OUTCOMES = ("sent", "rejected", "deferred", "unknown")
@@ -44,40 +49,145 @@ class Outgoing:
     attempt: int = 1
 
 
-def lock_folder(out: Path) -> int:
-    """Take the folder's lock (the one a render holds while it runs); return
-    its descriptor, which holds the lock until closed."""
-    if not (out / MANIFEST).is_file():
-        raise SendError(f"{out}: no {MANIFEST} here; give send the --out folder of a render")
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+def _flock(path: Path, mode: int, busy: str) -> int:
+    """A descriptor holding `mode` (LOCK_EX or LOCK_SH) on `path` until closed;
+    SendError(busy) when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SendError(
-            f"{out}: a render (or another send) is still running on this folder; wait for it to finish, then send"
-        ) from None
+        raise SendError(busy) from None
     return fd
 
 
-def render_unfinished(out: Path) -> str | None:
-    """Why the render of `out` is not complete (it stopped, or never wrote its
-    report), or None when it finished."""
+def render_unfinished(report: Path) -> str | None:
+    """Why the render (or the shard) whose report is `report` is not complete
+    (it stopped, or never wrote its report), or None when it finished."""
     try:
-        report = json.loads((out / REPORT).read_text(encoding="utf-8"))
+        data = json.loads(report.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return f"it has no {REPORT}: the render was killed or is not finished"
+        return f"it has no {report.name}: the render was killed or is not finished"
     except (OSError, ValueError):
-        return f"its {REPORT} cannot be read"
-    stopped = report.get("stopped") if isinstance(report, dict) else "unknown"
+        return f"its {report.name} cannot be read"
+    stopped = data.get("stopped") if isinstance(data, dict) else "unknown"
     return f"the render stopped early ({stopped})" if stopped else None
 
 
-def read_manifest(out: Path) -> list[Outgoing]:
-    """The sendable messages, in manifest order. A line cut off by a kill is
-    ignored (the render redoes that recipient); any other bad line is an error."""
-    path = out / MANIFEST
+def _sharded_run(out: Path) -> int | None:
+    """N when shards rendered `out` (run.json says so), else None."""
+    try:
+        run = json.loads((out / RUN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    count = run.get("shards") if isinstance(run, dict) else None
+    return count if isinstance(count, int) else None
+
+
+def _has_lines(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+@dataclass
+class Folder:
+    """What one send reads and writes in OUT, and the locks it holds (close()).
+
+    - An unsharded render: manifest.jsonl; sent.jsonl, send-report.json.
+    - The whole of a sharded run: every shard's journal (shards/K-of-N.jsonl),
+      in shard order; sent.jsonl and send-report.json, as above.
+    - One shard (`send --shard K/N`): shards/K-of-N.jsonl only; its own
+      shards/K-of-N.sent.jsonl and .send-report.json, so N senders run side by side.
+
+    A whole-run send and per-shard sends never mix on one folder: each would
+    resend what the other's journal settles."""
+
+    manifests: list[Path]
+    journal: Path
+    report: Path
+    locks: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fd in self.locks:
+            os.close(fd)
+        self.locks.clear()
+
+
+def open_folder(out: Path, shard: Shard | None, partial: bool) -> Folder:
+    """Lock `out` for a send (of the whole run, or of one shard) and say what
+    it reads and writes. Raises SendError while a render (or a send that would
+    overlap) is running, or while the render is unfinished unless `partial`."""
+    count = _sharded_run(out)
+    if count is None:
+        if shard is not None:
+            raise SendError(f"{out}: this render was not run in shards; send it without --shard")
+        if not (out / MANIFEST).is_file():
+            raise SendError(f"{out}: no {MANIFEST} here; give send the --out folder of a render")
+        folder = Folder([out / MANIFEST], out / JOURNAL, out / SEND_REPORT)
+        folder.locks.append(_flock(out / LOCK, fcntl.LOCK_EX, (
+            f"{out}: a render (or another send) is still running on this folder; wait for it to finish, then send")))
+        problems = {MANIFEST: render_unfinished(out / REPORT)}
+    elif shard is None:
+        folder = Folder([Shard(k, count).journal(out) for k in range(count)], out / JOURNAL, out / SEND_REPORT)
+        folder.locks.append(_flock(out / LOCK, fcntl.LOCK_EX, (
+            f"{out}: another send is running on this folder (of the whole run, or of a shard); wait for it")))
+        problems = {}
+        try:
+            for k in range(count):
+                part = Shard(k, count)
+                try:
+                    folder.locks.append(_flock(part.lock(out), fcntl.LOCK_EX, "running"))
+                    problems[part.name] = render_unfinished(part.report(out))
+                except SendError:
+                    problems[part.name] = "it is still running"
+            mixed = sorted(p.name for p in (out / SHARDS).glob("*.sent.jsonl") if _has_lines(p))
+            if mixed:
+                raise SendError(
+                    f"{out}: shards of this run were sent one by one ({', '.join(mixed)}); sending the whole run "
+                    f"would send their messages again. Finish with send --shard K/{count} for each shard"
+                )
+        except BaseException:
+            folder.close()
+            raise
+    else:
+        if shard.count != count:
+            raise SendError(f"{out}: this run was rendered as {count} shards, not {shard.count}; use --shard K/{count}")
+        base = out / SHARDS / shard.name
+        folder = Folder([shard.journal(out)], base.with_name(f"{shard.name}.sent.jsonl"),
+                        base.with_name(f"{shard.name}.{SEND_REPORT}"))
+        try:
+            # Shared: the shards' sends run side by side; a whole-run send (exclusive) waits for them all.
+            folder.locks.append(_flock(out / LOCK, fcntl.LOCK_SH, (
+                f"{out}: a send of the whole run is running on this folder; a send of shard {shard} would double it")))
+            folder.locks.append(_flock(shard.lock(out), fcntl.LOCK_EX, (
+                f"{out}: shard {shard} is still rendering (or another send of it is running); wait for it, then send")))
+            if _has_lines(out / JOURNAL):
+                raise SendError(
+                    f"{out}: the whole run was sent here ({JOURNAL}); a send of shard {shard} would send its messages "
+                    "again. Finish with send OUT, without --shard"
+                )
+        except BaseException:
+            folder.close()
+            raise
+        problems = {shard.name: render_unfinished(shard.report(out))}
+    unfinished = {name: why for name, why in problems.items() if why is not None}
+    if unfinished and not partial:
+        folder.close()
+        whose = "; ".join(why if name == MANIFEST else f"shard {name}: {why}" for name, why in unfinished.items())
+        raise SendError(
+            f"{out}: {whose}, so some recipients may have no message yet. Finish the render (run the same render "
+            "command again), or pass --partial to send what is there"
+        )
+    return folder
+
+
+def read_manifest(path: Path, out: Path) -> list[Outgoing]:
+    """The sendable messages of one manifest (or shard journal) of `out`, in
+    its order. A line cut off by a kill is ignored (the render redoes that
+    recipient); any other bad line is an error. A shard's journal that is not
+    there yet (never started, with --partial) holds nothing."""
     messages: dict[str, Outgoing] = {}
+    if not path.exists():
+        return []
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.endswith(b"\n"):
@@ -116,8 +226,8 @@ class Journal:
     """sent.jsonl: appended a line at a time, unbuffered, so a `sending` line
     is on disk (the kernel's) before the transaction it announces starts."""
 
-    def __init__(self, out: Path, *, readonly: bool = False) -> None:
-        self.path = out / JOURNAL
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
         self.states: dict[str, str] = {}
         self.readonly = readonly  # a dry run: reads what earlier sends did, writes nothing
         self._read()

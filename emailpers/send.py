@@ -19,7 +19,6 @@ import email.parser
 import email.policy
 import email.utils
 import json
-import os
 import re
 import signal
 import ssl
@@ -39,16 +38,16 @@ from emailpers.journal import (
     DONE,
     Journal,
     Outgoing,
-    lock_folder,
+    open_folder,
     read_manifest,
     read_message,
-    render_unfinished,
 )
 from emailpers.output import write_atomic
 from emailpers.pacing import Pacer
 from emailpers.processes import STOP_SIGNALS
 from emailpers.relay import SendOptions
-from emailpers.sendreport import SEND_REPORT, Tally, build_report
+from emailpers.sendreport import Tally, build_report
+from emailpers.shards import Shard
 
 MAX_BACKOFF = 300.0  # seconds: the longest wait between two attempts of a message
 _QUEUE_ID = re.compile(r"(?:queued as|id=)\s*<?([\w.@/+=-]+)>?|\b([A-Za-z0-9][\w.@/+=-]{7,})\s*$", re.IGNORECASE)
@@ -357,22 +356,19 @@ def plan(messages: list[Outgoing], states: Mapping[str, str], options: SendOptio
     return todo, settled
 
 
-def send_messages(options: SendOptions, clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
-    """Send what the manifest of `options.out` holds and the journal has not
-    settled; return the report (also written to send-report.json). Raises
+def send_messages(
+    options: SendOptions, clock: Callable[[], float] = time.monotonic, shard: Shard | None = None
+) -> dict[str, Any]:
+    """Send what the manifest of `options.out` (every shard's journal, or
+    `shard`'s alone) holds and the send's journal has not settled; return the
+    report (also written to send-report.json, or the shard's). Raises
     SendError, or Interrupted after SIGINT/SIGTERM once the transactions in
     flight have their replies."""
     out = options.out
-    lock = lock_folder(out)
+    folder = open_folder(out, shard, options.partial)
     try:
-        why = render_unfinished(out)
-        if why is not None and not options.partial:
-            raise SendError(
-                f"{out}: {why}, so some recipients may have no message yet. Finish the render (run the same render "
-                "command again), or pass --partial to send what is there"
-            )
-        messages = read_manifest(out)
-        journal = Journal(out, readonly=options.dry_run)
+        messages = [m for path in folder.manifests for m in read_manifest(path, out)]
+        journal = Journal(folder.journal, readonly=options.dry_run)
         try:
             todo, settled = plan(messages, journal.states, options)
             sender = Sender(options, journal, clock)
@@ -385,12 +381,14 @@ def send_messages(options: SendOptions, clock: Callable[[], float] = time.monoto
             report = build_report(
                 options, sender.tally, sender.stop_signal, messages, journal.states, settled, len(todo), clock() - started
             )
+            if shard is not None:
+                report["shard"] = str(shard)
             if not options.dry_run:
-                write_atomic(out / SEND_REPORT, (json.dumps(report, indent=2) + "\n").encode())
+                write_atomic(folder.report, (json.dumps(report, indent=2) + "\n").encode())
         finally:
             journal.close()
     finally:
-        os.close(lock)
+        folder.close()
     if error is not None:
         error.send_report = report if report["this_run"]["attempted"] else None
         raise error

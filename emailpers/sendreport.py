@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from emailpers.journal import OUTCOMES, Outgoing
+from emailpers.journal import OUTCOMES, SEND_REPORT, Outgoing
 from emailpers.relay import SendOptions
 
-SEND_REPORT = "send-report.json"
+__all__ = ["SEND_REPORT", "Tally", "build_report", "send_exit_code", "send_summary"]
 
 
 @dataclass

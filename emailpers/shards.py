@@ -14,6 +14,7 @@ The shards of one run share one output folder:
     OUT/shards/K-of-N.jsonl         shard K's journal (its manifest)
     OUT/shards/K-of-N.report.json   shard K's latest report, with its exit code
     OUT/shards/K-of-N.lock          held while shard K runs
+    OUT/shards/K-of-N.sent.jsonl    `send --shard K/N`'s journal (journal.py), and .send-report.json
 
 `status()` reads them all back for `emailpers status OUT`.
 """
