@@ -146,7 +146,9 @@ def campaign_for(
             'client_secret_env = "SHOP_CLIENT_SECRET" }')
     path = write_campaign(
         folder, template=TEMPLATE, recipients=rows,
-        sources={"promo": source(shop.api.url + "/promo", cache_ttl=60)},
+        # A held /promo answer must not time out while the last shard is still starting on a busy
+        # machine (seen in CI: the first request timed out, so three shards asked /promo themselves).
+        sources={"promo": source(shop.api.url + "/promo", cache_ttl=60, timeout=60, deadline=90)},
     )  # fmt: skip
     shop_table = source(shop.api.url + "/cart/{{ id }}", rate_limit=rate, concurrency=concurrency, cache_ttl=0)
     lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in shop_table.items())
