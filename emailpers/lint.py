@@ -46,6 +46,8 @@ RULES: dict[str, tuple[str, str]] = {
     "empty-fallback": (ERROR, "a {% live %} block whose fallback is empty: the recipient would see a hole"),
     "render": (ERROR, "the recipient's message could not be rendered"),
     "fixtures": (WARNING, "requests with no fixture: their sources fell back in the sample"),
+    "amp": (ERROR, "the AMP part was dropped: AMP validator errors, over the size limit, or an amp_template error "
+                   "(sent unvalidated: a warning)"),
 }
 
 
@@ -208,6 +210,24 @@ def lint_message(eml: bytes, *, recipient: str | None = None, file: str | None =
     elif len(_words(text)) < TEXT_SHARE_MIN * len(visible):
         add("text-part", f"the text part ({len(_words(text))} characters) is much shorter than the HTML's "
                          f"text ({len(visible)})", WARNING)
+    return found
+
+
+def lint_amp(outcome: dict[str, Any] | None, *, recipient: str | None, file: str | None) -> list[Finding]:
+    """Findings for one message's AMP outcome (a manifest line's "amp" and
+    "amp_errors"). A validator's line and column are the rendered AMP part's,
+    not the template's: Jinja does not keep a map between them."""
+    where: dict[str, Any] = {"recipient": recipient, "file": file}
+    if not outcome or outcome.get("amp") == "sent":
+        return []
+    if outcome.get("amp") == "unvalidated":
+        return [_finding("amp", "the AMP part was sent unvalidated: no AMP validator checked it (set "
+                                "$EMAILPERS_AMP_VALIDATOR or run `emailpers amp fetch-validator`)", WARNING, **where)]
+    found = []
+    for error in outcome.get("amp_errors") or [{"code": "DROPPED", "message": "no reason recorded"}]:
+        at = f"line {error['line']}, column {error['col']} of the AMP part: " if error.get("line") else ""
+        found.append(_finding("amp", f"AMP part dropped (the email went without it): {at}{error['code']}: "
+                                     f"{error['message']}", **where))
     return found
 
 

@@ -14,19 +14,21 @@ import asyncio
 import html
 import json
 import re
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from emailpers import amp
 from emailpers.cache import ResponseCache
 from emailpers.campaign import Campaign
 from emailpers.errors import RenderFailed
 from emailpers.fetch import Fetcher
-from emailpers.lint import GMAIL_CLIP_BYTES, Finding, lint_message, lint_template
+from emailpers.lint import GMAIL_CLIP_BYTES, Finding, lint_amp, lint_message, lint_template
 from emailpers.output import Envelope, build_eml, file_stem
 from emailpers.pipeline import RunOptions, cache_directory, run_client
 from emailpers.render import Email, Renderer
-from emailpers.sample import shown_path
+from emailpers.sample import sample_campaign, shown_path
 
 INDEX = "index.html"
 WIDTHS = (600, 375)  # desktop, mobile
@@ -51,6 +53,8 @@ class Card:
     failures: dict[str, str] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     error: str | None = None  # the state could not be rendered
+    amp: str | None = None  # the AMP part as sent (None: no AMP part, or dropped)
+    amp_outcome: dict[str, Any] | None = None  # {"amp": "sent" | "dropped" | "unvalidated", "amp_errors": [...]}
 
 
 @dataclass(frozen=True)
@@ -92,14 +96,15 @@ _PREHEADER = re.compile(r'<div style="display:none;[^"]*mso-hide:all;">(.*?)</di
 
 
 def _card(recipient: str, to: str, state: str, message: Email, eml: bytes, sender: str,
-          failures: dict[str, str]) -> Card:
+          failures: dict[str, str], amp_file: str | None) -> Card:
     preheader = _PREHEADER.search(message.html)
     return Card(
         recipient, to, state, f"emails/{file_stem(recipient)}/{_slug(state)}.html",
         subject=message.subject, preheader=html.unescape(preheader.group(1)) if preheader else "", sender=sender,
         size=len(message.html.encode("utf-8")), text=message.text, fallbacks=message.fallback_blocks,
         fallback_template=message.used_fallback_template, failures=failures,
-        findings=lint_message(eml, recipient=recipient),
+        findings=lint_message(eml, recipient=recipient) + lint_amp(message.amp_outcome, recipient=recipient, file=amp_file),
+        amp=message.amp, amp_outcome=message.amp_outcome,
     )
 
 
@@ -110,6 +115,8 @@ def _slug(state: str) -> str:
 def build_gallery(campaign: Campaign, rows: list[dict[str, Any]], out: Path, *, replay: Path | None = None,
                   offline: bool = False, cache_dir: Path | None = None) -> Gallery:
     """Fetch each row's data once, render every state, lint it, write the gallery into `out`."""
+    campaign = sample_campaign(campaign)
+    amp_file = shown_path(campaign.amp.template) if campaign.amp else None
     options = RunOptions(out=None, replay=replay, offline=offline, use_cache=offline, cache_dir=cache_dir,
                          concurrency=8)
     fetched = asyncio.run(_fetch(campaign, rows, options))
@@ -122,17 +129,18 @@ def build_gallery(campaign: Campaign, rows: list[dict[str, Any]], out: Path, *, 
     for row, results in zip(rows, fetched, strict=True):
         recipient, to = str(row[id_field]), str(row[email_field])
         states = _states(campaign, results)
+        link = amp.link_for(campaign, recipient, time.time())
         rendered: list[tuple[str, Email | RenderFailed, dict[str, str]]] = []
         for state, data, failures in states:
             try:
-                rendered.append((state, renderer.render(row, data, failures), failures))
+                rendered.append((state, renderer.render(row, data, failures, amp_link=link), failures))
             except RenderFailed as exc:
                 rendered.append((state, exc, failures))
         used = any(isinstance(m, Email) and m.used_fallback_template for _, m, _ in rendered)
         if whole is not None and not used:
             failures = {name: "preview: the whole-email fallback" for name in campaign.sources}
             try:
-                email_ = whole.render(row, {}, failures)
+                email_ = whole.render(row, {}, failures, amp_link=link)
                 rendered.append((FALLBACK_TEMPLATE, replace(email_, used_fallback_template=True), failures))
             except RenderFailed as exc:
                 rendered.append((FALLBACK_TEMPLATE, exc, failures))
@@ -141,7 +149,7 @@ def build_gallery(campaign: Campaign, rows: list[dict[str, Any]], out: Path, *, 
                 cards.append(Card(recipient, to, state, "", failures=failures, error=str(message)))
                 continue
             eml = build_eml(message, to, envelope)
-            card = _card(recipient, to, state, message, eml, envelope.from_, failures)
+            card = _card(recipient, to, state, message, eml, envelope.from_, failures, amp_file)
             target = out / card.file
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(message.html, encoding="utf-8")
@@ -180,6 +188,9 @@ iframe{border:1px solid #c5cad1;background:#fff;height:400px}
 .finding.error{color:#a1261b}.finding.warning{color:#8a5a00}
 pre{white-space:pre-wrap;background:#f6f7f9;padding:8px;max-height:240px;overflow:auto}
 .hidden{display:none}
+.amp pre{width:520px;max-height:400px;margin:0;padding:0;font-size:12px}
+.amp pre span{display:block;padding:0 6px}.amp pre b{display:inline-block;width:3em;color:#8a919b;font-weight:normal}
+.amp pre span.bad{background:#fdecea}.amp p{font-size:12px;color:#5b6470;width:520px;margin:4px 0}
 """
 
 _SCRIPT = """
@@ -193,18 +204,20 @@ _SCRIPT = """
     });
     f.srcdoc=EMAILS[f.getAttribute('data-src')];
   });
-  var q=document.getElementById('recipient'),s=document.getElementById('state'),r=document.getElementById('finding');
+  var q=document.getElementById('recipient'),s=document.getElementById('state'),r=document.getElementById('finding'),
+    a=document.getElementById('amp');
   function apply(){
     var shown=0;
     document.querySelectorAll('.card').forEach(function(c){
       var ok=(!q.value||c.dataset.recipient.toLowerCase().indexOf(q.value.toLowerCase())>=0)
         &&(!s.value||c.dataset.state===s.value)
-        &&(!r.value||(r.value==='none'?c.dataset.findings==='':(' '+c.dataset.findings+' ').indexOf(' '+r.value+' ')>=0));
+        &&(!r.value||(r.value==='none'?c.dataset.findings==='':(' '+c.dataset.findings+' ').indexOf(' '+r.value+' ')>=0))
+        &&(!a||!a.value||c.dataset.amp===a.value);
       c.classList.toggle('hidden',!ok);if(ok)shown++;
     });
     document.getElementById('count').textContent=shown;
   }
-  [q,s,r].forEach(function(e){e.addEventListener('input',apply);e.addEventListener('change',apply);});
+  [q,s,r,a].forEach(function(e){if(!e)return;e.addEventListener('input',apply);e.addEventListener('change',apply);});
   apply();
 })();
 """
@@ -229,7 +242,8 @@ def _card_html(card: Card) -> str:
     rules = " ".join(sorted({f.rule for f in card.findings}))
     failed = "failed" if card.state != LIVE else ""
     head = (f'<h2>{_e(card.recipient)} &lt;{_e(card.to)}&gt; <span class="state {failed}">{_e(card.state)}</span></h2>')
-    attrs = f'class="card" data-recipient="{_e(card.recipient)}" data-state="{_e(card.state)}" data-findings="{_e(rules)}"'
+    attrs = (f'class="card" data-recipient="{_e(card.recipient)}" data-state="{_e(card.state)}" data-findings="{_e(rules)}" '
+             f'data-amp="{_e((card.amp_outcome or {}).get("amp", ""))}"')
     if card.error is not None:
         return f'<section {attrs}>{head}<p class="finding error">Not rendered: {_e(card.error)}</p></section>'
     share = min(card.size / GMAIL_CLIP_BYTES, 1.0) * 100
@@ -257,11 +271,38 @@ def _card_html(card: Card) -> str:
         f"<dt>From</dt><dd>{_e(card.sender)}</dd>"
         f"<dt>Size</dt><dd>{card.size / 1024:.1f} KB of HTML (Gmail clips at 102 KB){clip}</dd>"
         f"<dt>Fallbacks</dt><dd><ul class=\"fallbacks\">{fell or '<li>none</li>'}</ul></dd></dl>"
-        f'<div class="frames">{frames}</div>'
+        f'<div class="frames">{frames}{_amp_html(card)}</div>'
         f"<details><summary>Text part</summary><pre>{_e(card.text)}</pre></details>"
         f"<details open><summary>Lint findings ({len(card.findings)})</summary>{_findings_html(card.findings)}</details>"
         "</section>"
     )
+
+
+def _amp_html(card: Card) -> str:
+    """The AMP part beside the HTML: its source, lines numbered as the
+    validator numbers them. Not rendered: the AMP runtime is a script from
+    cdn.ampproject.org, and the gallery loads nothing from outside."""
+    if card.amp_outcome is None:
+        return ""
+    outcome = str(card.amp_outcome.get("amp"))
+    errors = card.amp_outcome.get("amp_errors") or []
+    bad = {e.get("line") for e in errors}
+    listed = "".join(
+        f"<li>{'line ' + _e(e['line']) + ', column ' + _e(e['col']) + ': ' if e.get('line') else ''}"
+        f"{_e(e.get('code'))}: {_e(e.get('message'))}</li>" for e in errors
+    )
+    if card.amp is None:
+        body = f"<p>Not sent: the email went out with its text and HTML parts only.</p><ul>{listed}</ul>"
+    else:
+        lines = "".join(
+            f"<span{' class=bad' if n in bad else ''}><b>{n}</b>{_e(line)}</span>"
+            for n, line in enumerate(card.amp.split("\n"), 1)
+        )
+        note = "" if outcome == "sent" else "<p>Not checked by the AMP validator.</p>"
+        body = (f"{note}<pre>{lines}</pre><p>The source: the AMP runtime (cdn.ampproject.org) cannot run in this "
+                "offline page; Gmail's AMP playground shows it live.</p>")
+    return (f'<figure class="amp"><figcaption>AMP part: <span class="amp-outcome {_e(outcome)}">{_e(outcome)}'
+            f"</span></figcaption>{body}</figure>")
 
 
 def page(campaign: Campaign, cards: list[Card], template_findings: list[Finding], emails: dict[str, str]) -> str:
@@ -274,6 +315,11 @@ def page(campaign: Campaign, cards: list[Card], template_findings: list[Finding]
     options = "".join(f'<option value="{_e(s)}">{_e(s)}</option>' for s in states)
     rule_options = "".join(f'<option value="{_e(r)}">{_e(r)}</option>' for r in rules)
     recipients = len({c.recipient for c in cards})
+    amp_filter = ""
+    if any(c.amp_outcome for c in cards):
+        amp_filter = ('<label>AMP <select id="amp"><option value="">any</option><option value="sent">AMP sent</option>'
+                      '<option value="dropped">AMP dropped</option><option value="unvalidated">AMP unvalidated</option>'
+                      "</select></label>")
     return (
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>Preview: {_e(campaign.name)}</title><style>{_STYLE}</style></head><body>"
@@ -282,7 +328,7 @@ def page(campaign: Campaign, cards: list[Card], template_findings: list[Finding]
         '<label>Recipient <input id="recipient" type="search" placeholder="id"></label>'
         f'<label>State <select id="state"><option value="">all</option>{options}</select></label>'
         '<label>Finding <select id="finding"><option value="">any</option><option value="none">none</option>'
-        f"{rule_options}</select></label></header><main>"
+        f"{rule_options}</select></label>{amp_filter}</header><main>"
         f"<details><summary>Template findings ({len(template_findings)})</summary>"
         f"{_findings_html(template_findings)}</details>"
         + "".join(_card_html(c) for c in cards)

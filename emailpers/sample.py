@@ -13,15 +13,17 @@ import heapq
 import json
 import os
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from emailpers import amp
 from emailpers.campaign import Campaign
 from emailpers.errors import CampaignError
 from emailpers.fixtures import NO_FIXTURE
-from emailpers.lint import ERROR, WARNING, Finding, lint_message, lint_template
+from emailpers.lint import ERROR, WARNING, Finding, lint_amp, lint_message, lint_template
 from emailpers.pipeline import RunOptions, render_campaign
 from emailpers.recipients import read_recipients
 from emailpers.render import Renderer, toml_where
@@ -88,6 +90,23 @@ def shown_path(path: Path | str) -> str:
     return str(path) if relative.startswith("..") else relative
 
 
+def sample_campaign(campaign: Campaign) -> Campaign:
+    """The campaign as check and preview render it: nothing is sent, so its
+    AMP part goes unvalidated (a warning) where no validator can be had, and
+    amp_url signs with a throwaway key where the real one is not set."""
+    config = campaign.amp
+    if config is None:
+        return campaign
+    if config.key_env and not config.key:
+        config = replace(config, key=secrets.token_bytes(32))
+    if config.validate:
+        try:
+            amp.check_available()
+        except amp.ValidatorUnavailable:
+            config = replace(config, validate=False)
+    return replace(campaign, amp=config)
+
+
 def render_sample(campaign: Campaign, rows: list[dict[str, Any]], out: Path, *, replay: Path | None,
                   offline: bool, cache_dir: Path | None, record: Path | None = None) -> Report:
     """Render `rows` of `campaign` into `out` (started over) and return the report."""
@@ -130,11 +149,14 @@ def lint_output(campaign: Campaign, out: Path) -> list[Finding]:
             if name.endswith(".eml"):
                 for finding in lint_message((out / name).read_bytes(), recipient=rid):
                     findings.append(_where(campaign, finding))
+        if campaign.amp is not None:
+            findings += lint_amp(entry, recipient=rid, file=shown_path(campaign.amp.template))
     return findings
 
 
 def check_sample(campaign: Campaign, out: Path, *, size: int = DEFAULT_SAMPLE, only: Sequence[str] = (),
                  replay: Path | None = None, offline: bool = False, cache_dir: Path | None = None) -> CheckResult:
+    campaign = sample_campaign(campaign)
     rows = sample_rows(campaign, size, only)
     if not rows:
         raise CampaignError(f"{campaign.recipients.name}: no usable recipient to check")

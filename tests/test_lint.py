@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from emailpers.lint import RULES, lint_message, lint_template
+from emailpers.lint import RULES, lint_amp, lint_message, lint_template
 from emailpers.output import Envelope, build_eml
 from emailpers.render import Email
 
@@ -131,6 +131,23 @@ def test_live_block_with_an_empty_or_no_fallback() -> None:
     assert [(f[0], f[1]) for f in findings(empty)] == [("empty-fallback", 7)]
     none = GOOD_MJML.replace("{% fallback %}<mj-text>New in.</mj-text>", "")
     assert [(f[0], f[1]) for f in findings(none)] == [("empty-fallback", 7)]
+
+
+def test_amp_outcomes() -> None:
+    """A manifest line's AMP outcome; tests/test_amp_check.py runs the validator through check."""
+    where = {"recipient": "r1", "file": "cart.amp.html.j2"}
+    assert lint_amp(None, **where) == lint_amp({"amp": "sent"}, **where) == []
+    (unvalidated,) = lint_amp({"amp": "unvalidated"}, **where)
+    assert (unvalidated.rule, unvalidated.severity) == ("amp", "warning")
+    dropped = lint_amp({"amp": "dropped", "amp_errors": [
+        {"line": 3, "col": 4, "code": "DISALLOWED_ATTR", "message": "no onclick"},
+        {"line": None, "col": None, "code": "SIZE_LIMIT", "message": "over 200,000 bytes"}]}, **where)
+    assert [(f.rule, f.severity, f.message, f.file, f.line, f.recipient) for f in dropped] == [
+        ("amp", "error", "AMP part dropped (the email went without it): line 3, column 4 of the AMP part: "
+                         "DISALLOWED_ATTR: no onclick", "cart.amp.html.j2", None, "r1"),
+        ("amp", "error", "AMP part dropped (the email went without it): SIZE_LIMIT: over 200,000 bytes",
+         "cart.amp.html.j2", None, "r1"),
+    ]
 
 
 def test_every_rule_is_tested_here() -> None:
