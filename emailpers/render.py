@@ -23,6 +23,7 @@ from jinja2.ext import Extension
 from jinja2.parser import Parser
 from mjml import mjml2html
 
+from emailpers import skeleton
 from emailpers.campaign import Campaign
 from emailpers.errors import CampaignError, RenderFailed
 from emailpers.sandbox import (
@@ -109,6 +110,7 @@ def make_environment(root: Path, *, autoescape: bool) -> Sandbox:
     return Sandbox(
         loader=CampaignLoader(root),
         autoescape=autoescape,
+        **({"finalize": skeleton.finalize} if autoescape else {}),
         extensions=[LiveExtension],
         keep_trailing_newline=True,
         auto_reload=False,
@@ -158,7 +160,7 @@ class Renderer:
     """Everything that can be prepared once per run: the environments, the
     parsed templates, the MJML include loader. `render` is per recipient."""
 
-    def __init__(self, campaign: Campaign, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, campaign: Campaign, *, clock: Callable[[], float] = time.monotonic, memo: bool = True) -> None:
         self.campaign = campaign
         self.clock = clock
         self.deadline = campaign.render_deadline
@@ -173,6 +175,13 @@ class Renderer:
         self.subject = self._compile("subject", campaign.subject)
         self.preheader = self._compile("preheader", campaign.preheader) if campaign.preheader else None
         self.headers = {k: self._compile(f"headers.{k}", v) for k, v in campaign.headers.items()}
+        # Compile once per layout (skeleton.py) where the templates allow it.
+        files = [p for p in self.parsed if p.key is None]
+        self.memo_off = None if memo else "memo=False"
+        self.memo_off = self.memo_off or skeleton.template_allows(
+            [p.ast for p in files], [p.path.read_text(encoding="utf-8") for p in files]
+        )
+        self.memos: dict[Path, skeleton.Memo] = {}
 
     @property
     def template_files(self) -> set[Path]:
@@ -240,21 +249,31 @@ class Renderer:
             # The cap covers Jinja only: mjml-python aborts the process on a
             # failed allocation instead of raising.
             with budget(failures, self.deadline, self.clock) as state, memory_cap():
-                out = self._jinja(context, state)
+                try:
+                    with skeleton.recording(self.memo_off is None) as recorded:
+                        out = self._jinja(context, state)
+                except skeleton.Poisoned:  # data holding a marker character: no skeleton for this one
+                    del state.fallback_blocks[:]
+                    recorded = None
+                    out = self._jinja(context, state)
         except RenderLimitExceeded as exc:
             raise RenderFailed(str(exc)) from None
         except MemoryError:
             raise RenderFailed(
                 f"the template needed more than the render memory cap ({RENDER_MEMORY >> 20} MiB)"
             ) from None
-        body = _CONTROL.sub("", out.body)
-        for part in (body, out.text or ""):
-            if len(part) > MAX_BODY:
-                raise RenderFailed(f"the rendered email is {len(part) >> 20} MiB, more than the {MAX_BODY >> 20} MiB limit")
-        html = self._to_html(body, out.template)
-        if out.preheader:
-            html = _insert_preheader(html, _CONTROL.sub("", out.preheader))
-        text = html_to_text(html) if out.text is None else out.text
+        body = _CONTROL.sub("", out.body)  # markers and the values kept aside hold no control character
+        values = None if recorded is None else recorded.values
+        # An upper bound of the filled body's length (markers counted too), exact when it matters.
+        size = len(body) + sum(map(len, values or ()))
+        if size > MAX_BODY and values is not None:
+            size = len(skeleton.fill(body, values))
+        for length in (size, len(out.text or "")):
+            if length > MAX_BODY:
+                raise RenderFailed(f"the rendered email is {length >> 20} MiB, more than the {MAX_BODY >> 20} MiB limit")
+        preheader = _CONTROL.sub("", out.preheader) if out.preheader else None
+        html, made = self._to_html(body, out.template, values, preheader, text=out.text is None)
+        text = out.text if out.text is not None else made or ""
         return Email(out.subject, html, text, out.headers, state.fallback_blocks, out.used_fallback_template)
 
     def _jinja(self, context: dict[str, Any], state: Budget) -> _Jinja:
@@ -278,6 +297,7 @@ class Renderer:
             if self.fallback_template is None:
                 raise RenderFailed(f"{exc}; the campaign has no fallback_template") from None
             used_fallback_template = True
+            skeleton.restart()  # the fallback's markers number from 0 whatever the main template printed
             state.fallback_blocks[:] = [{
                 "template": self.fallback_template.name, "line": None, "sources": sorted(state.failures),
                 "reason": str(exc),
@@ -306,14 +326,38 @@ class Renderer:
             raise RenderFailed(f"{key} would contain a line break (header injection refused): {value[:80]!r}")
         return value
 
-    def _to_html(self, body: str, template: Path) -> str:
-        if not template.name.endswith(_MJML_SUFFIXES):
-            return body
+    def _to_html(
+        self, body: str, template: Path, values: list[str] | None, preheader: str | None, *, text: bool
+    ) -> tuple[str, str | None]:
+        """The HTML (and text part if wanted) of a body, or of a skeleton and its values (skeleton.py)."""
+        if values is not None and template.name.endswith(_MJML_SUFFIXES):
+            return self._memo(body, template).render(body, values, preheader, text)
+        html = body if values is None else skeleton.fill(body, values)
+        if template.name.endswith(_MJML_SUFFIXES):
+            html = self._mjml(html, template)
+        if preheader:
+            html = _insert_preheader(html, preheader)
+        return html, html_to_text(html) if text else None
+
+    def _memo(self, body: str, template: Path) -> skeleton.Memo:
+        """The template's memo, after the depth check the plain compile makes."""
+        self._check_depth(body, template)
+        memo = self.memos.get(template)
+        if memo is None:
+            memo = skeleton.Memo(lambda text: self._mjml(text, template), _insert_preheader, html_to_text)
+            self.memos[template] = memo
+        return memo
+
+    def _check_depth(self, body: str, template: Path) -> None:
         name = self.campaign.template_name(template)
         # Opening tags bound the depth: the scan only runs when they could pass the cap.
         depth = nesting_depth(body) if body.count("<") - body.count("</") > MAX_NESTING else 0
         if depth > MAX_NESTING:
             raise RenderFailed(f"{name}: markup nested {depth} deep, more than the {MAX_NESTING} MJML accepts")
+
+    def _mjml(self, body: str, template: Path) -> str:
+        self._check_depth(body, template)
+        name = self.campaign.template_name(template)
         try:
             return str(mjml2html(body, include_loader=self._include))
         except ValueError as exc:

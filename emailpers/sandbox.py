@@ -83,7 +83,7 @@ class Missing(jinja2.StrictUndefined):
         return False
 
 
-def _refuse_null(value: Any) -> Any:
+def refuse_null(value: Any) -> Any:
     """`finalize`: what `{{ }}` prints. A null from a list or a call never
     prints as "None"."""
     if value is None:
@@ -131,7 +131,8 @@ class Sandbox(SandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
 
     def __init__(self, **options: Any) -> None:
-        super().__init__(undefined=Missing, finalize=_refuse_null, **options)
+        options.setdefault("finalize", refuse_null)  # the HTML one adds markers: skeleton.py
+        super().__init__(undefined=Missing, **options)
         self.globals["range"] = _safe_range
         # lipsum(n=10**6) is a Python loop no hook sees, and no email needs it.
         self.globals.pop("lipsum", None)
