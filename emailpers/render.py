@@ -177,7 +177,8 @@ class Renderer:
         self.headers = {k: self._compile(f"headers.{k}", v) for k, v in campaign.headers.items()}
         # Compile once per layout (skeleton.py) where the templates allow it.
         files = [p for p in self.parsed if p.key is None]
-        self.memo_off = None if memo else "memo=False"
+        mjml = [t for t in (campaign.template, campaign.fallback_template) if t and t.name.endswith(_MJML_SUFFIXES)]
+        self.memo_off = None if memo and mjml else "memo=False" if mjml else "no MJML template"
         self.memo_off = self.memo_off or skeleton.template_allows(
             [p.ast for p in files], [p.path.read_text(encoding="utf-8") for p in files]
         )
