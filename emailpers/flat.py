@@ -93,7 +93,7 @@ class FirstSeen:
     or when the object is collected, or at exit, whichever comes first."""
 
     SPILL_AT = 100_000  # keys held in a dict (~10 MB) before they move to disk
-    CACHE_KIB = 8 * 1024  # SQLite's page cache once spilled
+    CACHE_KIB = 2 * 1024  # SQLite's page cache once spilled (the kernel caches the file too)
 
     def __init__(self, spill_at: int | None = None) -> None:
         self.spill_at = self.SPILL_AT if spill_at is None else spill_at
