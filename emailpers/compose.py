@@ -16,6 +16,7 @@ from emailpers.outcome import NotRendered, Rendered, RenderRequest, RenderResult
 from emailpers.output import Envelope, write_message
 from emailpers.processes import bind_to_parent
 from emailpers.render import Renderer
+from emailpers.sandbox import enable_memory_cap
 
 
 class Composer:
@@ -49,6 +50,7 @@ def init_process(campaign: Campaign, out: Path, formats: str) -> None:
     """The pool's initializer: runs once in each render process."""
     global _composer
     bind_to_parent()
+    enable_memory_cap()
     _composer = Composer(campaign, out, formats)
 
 

@@ -13,7 +13,6 @@ any other exception while fetching is that recipient's `error` outcome.
 from __future__ import annotations
 
 import asyncio
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -30,6 +29,7 @@ from emailpers.batching import Batcher
 from emailpers.cache import Entry, ResponseCache, cache_key, request_identity
 from emailpers.campaign import Auth, Campaign, Source
 from emailpers.errors import AuthFailed, BackendError, BadResponse, FetchTimeout, SourceError, TransientError
+from emailpers.flat import Histogram
 from emailpers.http import BadBody, ConnectionFailed, HttpClient, Response, parse_max_age, parse_retry_after
 from emailpers.outcome import OK_OUTCOMES
 from emailpers.pacing import REAL_TIMING, RateLimiter, RetryPolicy, Timing
@@ -87,7 +87,7 @@ class SourceStats:
     stale: int = 0
     token_renewals: int = 0
     fallbacks: int = 0
-    latencies_ms: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes each, not ~32
+    latencies_ms: Histogram = field(default_factory=Histogram)  # fixed size at any count
     error_kinds: dict[str, int] = field(default_factory=dict)
 
 
@@ -349,7 +349,7 @@ class Fetcher:
         tried = await runtime.policy.run(partial(self._attempt, runtime, url, recipients))
         ms = (self.clock() - started) * 1000
         if record:
-            runtime.stats.latencies_ms.append(ms)
+            runtime.stats.latencies_ms.add(ms)
         if tried.error is not None:
             error = tried.error
             return Fetched(error.outcome, None, tried.attempts, ms, error.status_code, str(error))

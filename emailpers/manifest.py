@@ -16,6 +16,11 @@ Around it, in --out:
   whose lines it never wrote (killed, stopped, a disk error) are swept: at once
   after a stop emailpers controls, at the next start after `kill -9`. Only names
   emailpers could have written are touched (`output.is_message_file`).
+- `--fresh` renames `messages/` to `.emailpers-old-*` and deletes its files in
+  a thread while the run goes (a million files took 118 s to delete before
+  the first recipient); other files in it go back into `messages/`. The run
+  waits for that thread when it closes; a folder left by a killed run is
+  cleared the same way by the next run on the folder.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +132,7 @@ class Manifest:
         self._fd = -1
         self._lock_fd = -1
         self._broken = False
+        self._clearing: threading.Thread | None = None
         try:
             out.mkdir(parents=True, exist_ok=True)
             self.path.parent.mkdir(exist_ok=True)
@@ -138,7 +146,9 @@ class Manifest:
             elif fresh:
                 for name in (MANIFEST, REPORT, RUN):
                     (out / name).unlink(missing_ok=True)
+                _set_aside(out / MESSAGES)
             (out / MESSAGES).mkdir(exist_ok=True)
+            self._clearing = _clear_behind(out)
             self.done, listed = self._read()
             self._check_run(run, started=bool(self.done.counts))
             if redo and any(self.done.counts.get(status) for status in redo):
@@ -315,6 +325,47 @@ class Manifest:
             self.flush()
         finally:
             self._release()
+            if self._clearing is not None:
+                self._clearing.join()
+
+
+_ASIDE = ".emailpers-old-"  # messages/ of an earlier run, being deleted behind this one
+
+
+def _set_aside(messages: Path) -> None:
+    """Move a non-empty messages/ out of the way at once (one rename)."""
+    try:
+        if any(os.scandir(messages)):
+            os.rename(messages, messages.with_name(f"{_ASIDE}{uuid.uuid4().hex[:12]}"))
+    except FileNotFoundError:
+        pass
+
+
+def _clear_behind(out: Path) -> threading.Thread | None:
+    """Start deleting every set-aside folder of `out` in a thread; None when there is none."""
+    folders = [Path(e.path) for e in os.scandir(out) if e.name.startswith(_ASIDE) and e.is_dir(follow_symlinks=False)]
+    if not folders:
+        return None
+    thread = threading.Thread(target=_clear, args=(folders, out / MESSAGES), name="emailpers-fresh", daemon=True)
+    thread.start()
+    return thread
+
+
+def _clear(folders: list[Path], messages: Path) -> None:
+    """Delete emailpers' own files (and temporary ones); move anything else
+    back into messages/ unless a file of that name is there by now."""
+    for folder in folders:
+        try:
+            for entry in os.scandir(folder):
+                name = entry.name
+                own = (name.startswith(".") and name.endswith(".tmp")) or is_message_file(name)
+                if own and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                elif not (messages / name).exists():
+                    os.rename(entry.path, messages / name)
+            os.rmdir(folder)
+        except OSError:
+            continue  # left for the next run, which tries again
 
 
 def _sharded(path: Path) -> bool:

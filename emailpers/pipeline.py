@@ -31,6 +31,7 @@ from emailpers.compose import Composer, compose_chunk, init_process
 from emailpers.errors import EmailpersError, Interrupted, OutputError, RenderProcessDied
 from emailpers.fetch import Fetched, Fetcher, SourceStats
 from emailpers.fixtures import LoggingClient, RecordingClient, ReplayClient
+from emailpers.flat import FirstSeen
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
 from emailpers.outcome import LOCAL_OUTCOMES, Outcome, RenderRequest, RenderResult, SourceResult, decide
@@ -122,7 +123,7 @@ def source_figures(stats: SourceStats, fallbacks: int) -> SourceFigures:
         stale=stats.stale,
         token_renewals=stats.token_renewals,
         fallbacks=fallbacks,
-        latencies_ms=tuple(stats.latencies_ms),
+        latencies_ms=stats.latencies_ms.copy(),
         error_kinds=dict(stats.error_kinds),
     )
 
@@ -365,7 +366,7 @@ class Run:
             batch_sizes = [s.batch.size for s in self.campaign.sources.values() if s.batch]
             window = asyncio.Semaphore(2 * max([options.concurrency, *batch_sizes]))
             tasks = self._tasks
-            seen: set[str] = set()
+            seen = FirstSeen()  # flat in memory at any N: flat.py
 
             def finished(task: asyncio.Task[None]) -> None:
                 tasks.discard(task)
@@ -396,6 +397,7 @@ class Run:
                     self._wake.clear()
                     await self._wake.wait()
             finally:
+                seen.close()
                 await self._wind_down()
                 self._loop = None
                 self.network = fetcher.stats()
@@ -406,7 +408,7 @@ class Run:
             if self.signal is not None:
                 raise self._interrupted(self.signal)
 
-    def _rows(self, seen: set[str]) -> Iterator[Row]:
+    def _rows(self, seen: FirstSeen) -> Iterator[Row]:
         """Rows still to do, with duplicate ids turned invalid. Rows an earlier
         run finished count as progress at once."""
         done = self.manifest.done if self.manifest else Done()
@@ -416,10 +418,8 @@ class Run:
             if shard is not None and not (shard.owns(row.id) if row.id is not None else shard.owns_row(row.number)):
                 self.progress(1, True)  # another shard's: behind us, like a resumed row (the bar counts the file)
                 continue
-            if row.problem is None and row.id is not None and row.id in seen:
+            if row.problem is None and row.id is not None and seen.first(row.id) is not None:
                 row = replace(row, problem=f"duplicate id {row.id!r} (first seen earlier in the file)")
-            elif row.problem is None and row.id is not None:
-                seen.add(row.id)
             finished = row.number in done.invalid_rows if row.problem is not None else row.id in done.ids
             if finished:
                 self.progress(1, True)

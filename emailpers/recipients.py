@@ -29,6 +29,7 @@ from typing import IO, Any
 
 from emailpers.campaign import RecipientsConfig, recipient_format
 from emailpers.errors import RecipientListError
+from emailpers.flat import FirstSeen
 
 # Deliberately plain: one @, no spaces or angle brackets, a dot in the domain.
 _EMAIL = re.compile(r"^[^@\s<>\"(),;:\x00-\x1f\x7f]+@[^@\s<>\"(),;:\[\]\x00-\x1f\x7f]+\.[^@\s<>\"(),;:\[\]\x00-\x1f\x7f]+$")
@@ -71,7 +72,7 @@ def preflight(config: RecipientsConfig) -> Preflight:
     rows = 0
     keys: dict[str, None] = {}  # JSONL keys in the order seen (a dict is an ordered set)
     has_id = has_email = False
-    addresses: dict[int, int] = {}  # hash(address, lowercased) -> hash(id): digests, not strings
+    addresses = FirstSeen()  # address, lowercased -> the id first seen with it; flat in memory at any N
     shared = 0
     examples: list[str] = []
     for number, fields in reader:
@@ -86,11 +87,12 @@ def preflight(config: RecipientsConfig) -> Preflight:
         row = _check(number, fields, config)
         if row.problem is not None or row.email is None:
             continue
-        first = addresses.setdefault(hash(row.email.lower()), hash(row.id))
-        if first != hash(row.id):
+        first = addresses.first(row.email.lower(), row.id or "")
+        if first is not None and first != row.id:
             shared += 1
             if len(examples) < MAX_EXAMPLES:
                 examples.append(f"{config.name}:{number} {row.email} (id {row.id!r})")
+    addresses.close()
     if rows == 0:
         what = "a header but no recipient rows" if config.format == "csv" else "no recipient lines"
         raise RecipientListError(f"{config.name}: has {what}; nothing to send. Check the export that wrote it")

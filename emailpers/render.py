@@ -23,7 +23,7 @@ from jinja2.ext import Extension
 from jinja2.parser import Parser
 from mjml import mjml2html
 
-from emailpers import amp
+from emailpers import amp, skeleton
 from emailpers.campaign import Campaign
 from emailpers.errors import CampaignError, RenderFailed
 from emailpers.sandbox import (
@@ -111,6 +111,7 @@ def make_environment(root: Path, *, autoescape: bool) -> Sandbox:
     return Sandbox(
         loader=CampaignLoader(root),
         autoescape=autoescape,
+        **({"finalize": skeleton.finalize} if autoescape else {}),
         extensions=[LiveExtension],
         keep_trailing_newline=True,
         auto_reload=False,
@@ -162,7 +163,7 @@ class Renderer:
     """Everything that can be prepared once per run: the environments, the
     parsed templates, the MJML include loader. `render` is per recipient."""
 
-    def __init__(self, campaign: Campaign, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, campaign: Campaign, *, clock: Callable[[], float] = time.monotonic, memo: bool = True) -> None:
         self.campaign = campaign
         self.clock = clock
         self.deadline = campaign.render_deadline
@@ -177,6 +178,14 @@ class Renderer:
         self.subject = self._compile("subject", campaign.subject)
         self.preheader = self._compile("preheader", campaign.preheader) if campaign.preheader else None
         self.headers = {k: self._compile(f"headers.{k}", v) for k, v in campaign.headers.items()}
+        # Compile once per layout (skeleton.py) where the templates allow it.
+        files = [p for p in self.parsed if p.key is None]
+        mjml = [t for t in (campaign.template, campaign.fallback_template) if t and t.name.endswith(_MJML_SUFFIXES)]
+        self.memo_off = None if memo and mjml else "memo=False" if mjml else "no MJML template"
+        self.memo_off = self.memo_off or skeleton.template_allows(
+            [p.ast for p in files], [p.path.read_text(encoding="utf-8") for p in files]
+        )
+        self.memos: dict[Path, skeleton.Memo] = {}
         self.amp_template = self._load(self.html_env, campaign.amp.template) if campaign.amp else None
         self.amp_validator = self._amp_validator()
 
@@ -268,7 +277,13 @@ class Renderer:
             # The cap covers Jinja only: mjml-python aborts the process on a
             # failed allocation instead of raising.
             with budget(failures, self.deadline, self.clock) as state, memory_cap():
-                out = self._jinja(context, state)
+                try:
+                    with skeleton.recording(self.memo_off is None) as recorded:
+                        out = self._jinja(context, state)
+                except skeleton.Poisoned:  # data holding a marker character: no skeleton for this one
+                    del state.fallback_blocks[:]
+                    recorded = None
+                    out = self._jinja(context, state)
                 amp_doc, amp_outcome = self._amp(context, amp_link)
         except RenderLimitExceeded as exc:
             raise RenderFailed(str(exc)) from None
@@ -276,14 +291,18 @@ class Renderer:
             raise RenderFailed(
                 f"the template needed more than the render memory cap ({RENDER_MEMORY >> 20} MiB)"
             ) from None
-        body = _CONTROL.sub("", out.body)
-        for part in (body, out.text or ""):
-            if len(part) > MAX_BODY:
-                raise RenderFailed(f"the rendered email is {len(part) >> 20} MiB, more than the {MAX_BODY >> 20} MiB limit")
-        html = self._to_html(body, out.template)
-        if out.preheader:
-            html = _insert_preheader(html, _CONTROL.sub("", out.preheader))
-        text = html_to_text(html) if out.text is None else out.text
+        body = _CONTROL.sub("", out.body)  # markers and the values kept aside hold no control character
+        values = None if recorded is None else recorded.values
+        # An upper bound of the filled body's length (markers counted too), exact when it matters.
+        size = len(body) + sum(map(len, values or ()))
+        if size > MAX_BODY and values is not None:
+            size = len(skeleton.fill(body, values))
+        for length in (size, len(out.text or "")):
+            if length > MAX_BODY:
+                raise RenderFailed(f"the rendered email is {length >> 20} MiB, more than the {MAX_BODY >> 20} MiB limit")
+        preheader = _CONTROL.sub("", out.preheader) if out.preheader else None
+        html, made = self._to_html(body, out.template, values, preheader, text=out.text is None)
+        text = out.text if out.text is not None else made or ""
         headers = {**out.headers, **extra_headers}
         if amp_doc is not None:
             amp_doc, amp_outcome = self._check_amp(amp_doc)
@@ -350,6 +369,7 @@ class Renderer:
             if self.fallback_template is None:
                 raise RenderFailed(f"{exc}; the campaign has no fallback_template") from None
             used_fallback_template = True
+            skeleton.restart()  # the fallback's markers number from 0 whatever the main template printed
             state.fallback_blocks[:] = [{
                 "template": self.fallback_template.name, "line": None, "sources": sorted(state.failures),
                 "reason": str(exc),
@@ -378,14 +398,38 @@ class Renderer:
             raise RenderFailed(f"{key} would contain a line break (header injection refused): {value[:80]!r}")
         return value
 
-    def _to_html(self, body: str, template: Path) -> str:
-        if not template.name.endswith(_MJML_SUFFIXES):
-            return body
+    def _to_html(
+        self, body: str, template: Path, values: list[str] | None, preheader: str | None, *, text: bool
+    ) -> tuple[str, str | None]:
+        """The HTML (and text part if wanted) of a body, or of a skeleton and its values (skeleton.py)."""
+        if values is not None and template.name.endswith(_MJML_SUFFIXES):
+            return self._memo(body, template).render(body, values, preheader, text)
+        html = body if values is None else skeleton.fill(body, values)
+        if template.name.endswith(_MJML_SUFFIXES):
+            html = self._mjml(html, template)
+        if preheader:
+            html = _insert_preheader(html, preheader)
+        return html, html_to_text(html) if text else None
+
+    def _memo(self, body: str, template: Path) -> skeleton.Memo:
+        """The template's memo, after the depth check the plain compile makes."""
+        self._check_depth(body, template)
+        memo = self.memos.get(template)
+        if memo is None:
+            memo = skeleton.Memo(lambda text: self._mjml(text, template), _insert_preheader, html_to_text)
+            self.memos[template] = memo
+        return memo
+
+    def _check_depth(self, body: str, template: Path) -> None:
         name = self.campaign.template_name(template)
         # Opening tags bound the depth: the scan only runs when they could pass the cap.
         depth = nesting_depth(body) if body.count("<") - body.count("</") > MAX_NESTING else 0
         if depth > MAX_NESTING:
             raise RenderFailed(f"{name}: markup nested {depth} deep, more than the {MAX_NESTING} MJML accepts")
+
+    def _mjml(self, body: str, template: Path) -> str:
+        self._check_depth(body, template)
+        name = self.campaign.template_name(template)
         try:
             return str(mjml2html(body, include_loader=self._include))
         except ValueError as exc:

@@ -5,11 +5,11 @@ scheduler `exit_code`."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from emailpers.flat import Histogram
 from emailpers.outcome import RENDER_STATUSES, StatusCounts
 
 STATUSES = RENDER_STATUSES  # a render's manifest lines: what --redo can name
@@ -18,13 +18,11 @@ EXIT_OK = 0
 EXIT_FAILED_RECIPIENTS = 3
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return round(ordered[rank - 1], 1)
+def percentile(values: Histogram, q: float) -> float | None:
+    """Nearest-rank percentile to 0.1 ms (within Histogram.ERROR past its
+    first EXACT values); None for no values."""
+    value = values.percentile(q)
+    return None if value is None else round(value, 1)
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class SourceFigures:
     stale: int = 0
     token_renewals: int = 0
     fallbacks: int = 0
-    latencies_ms: Sequence[float] = ()  # of fetches that went to the network
+    latencies_ms: Histogram = field(default_factory=Histogram)  # of fetches that went to the network
     error_kinds: Mapping[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -62,7 +60,7 @@ class SourceFigures:
                 "p50": percentile(lat, 50),
                 "p95": percentile(lat, 95),
                 "p99": percentile(lat, 99),
-                "max": round(max(lat), 1) if lat else None,
+                "max": round(lat.max, 1) if lat.max is not None else None,
             },
             "top_errors": dict(sorted(self.error_kinds.items(), key=lambda kv: -kv[1])[:5]),
         }

@@ -83,7 +83,7 @@ class Missing(jinja2.StrictUndefined):
         return False
 
 
-def _refuse_null(value: Any) -> Any:
+def refuse_null(value: Any) -> Any:
     """`finalize`: what `{{ }}` prints. A null from a list or a call never
     prints as "None"."""
     if value is None:
@@ -116,6 +116,13 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _safe_center(value: Any, width: int = 80) -> str:
+    """`center` builds its string in C, out of every hook's reach: cap its width."""
+    if _int(width) and width > MAX_SEQUENCE:
+        raise RenderLimitExceeded(f"center() to {width} characters is more than the limit of {MAX_SEQUENCE}")
+    return str(value).center(width)
+
+
 def _safe_range(*args: int) -> range:
     result = range(*args)
     if len(result) > MAX_SEQUENCE:
@@ -131,8 +138,10 @@ class Sandbox(SandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
 
     def __init__(self, **options: Any) -> None:
-        super().__init__(undefined=Missing, finalize=_refuse_null, **options)
+        options.setdefault("finalize", refuse_null)  # the HTML one adds markers: skeleton.py
+        super().__init__(undefined=Missing, **options)
         self.globals["range"] = _safe_range
+        self.filters["center"] = _safe_center
         # lipsum(n=10**6) is a Python loop no hook sees, and no email needs it.
         self.globals.pop("lipsum", None)
         self.emailpers_guarded = _guarded
@@ -202,13 +211,25 @@ def _process_size() -> int:
     return _size_cache[1]
 
 
+_capped_process = [False]  # set by enable_memory_cap() in each render process
+
+
+def enable_memory_cap() -> None:
+    """Called once in a render process (compose.init_process): from then on
+    each render there runs under `memory_cap`. Not in the main process
+    (`--workers 0`): RLIMIT_AS is process-wide, and the main process has
+    other threads (connections, DNS, a caller's own) that must not start
+    failing their allocations, or hang starting a thread, while a template renders."""
+    _capped_process[0] = True
+
+
 @contextlib.contextmanager
 def memory_cap(extra: int = RENDER_MEMORY) -> Iterator[None]:
     """While inside, the process may grow by `extra` bytes of address space;
     beyond that an allocation raises MemoryError, which fails the recipient.
-    Set per render, so it works in a render process and in the main process
-    (`--workers 0`) alike. Linux only (elsewhere RLIMIT_AS is not enforced)."""
-    if not sys.platform.startswith("linux"):
+    Set per render, in render processes only (see enable_memory_cap). Linux
+    only (elsewhere RLIMIT_AS is not enforced)."""
+    if not _capped_process[0] or not sys.platform.startswith("linux"):
         yield
         return
     import resource

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from emailpers.errors import TooManyFailures, UnhealthySource
+from emailpers.flat import Histogram
 from emailpers.outcome import NotRendered, Outcome, Rendered, SourceResult, StatusCounts, decide
 from emailpers.recipients import Row
 from emailpers.report import STATUSES, SourceFigures, build_report, summary
@@ -149,7 +150,7 @@ def test_the_report_lists_every_known_status_then_any_other() -> None:
 
 
 def test_the_report_takes_plain_source_figures() -> None:
-    figures = SourceFigures(requests=3, errors=1, fallbacks=1, latencies_ms=(10.0, 20.0, 30.0),
+    figures = SourceFigures(requests=3, errors=1, fallbacks=1, latencies_ms=Histogram.of((10.0, 20.0, 30.0)),
                             error_kinds={"HTTP 503": 1})
     value = build_report(campaign="c", counts={"fallback": 1}, previous={}, sources={"cart": figures}, elapsed=1.0,
                          source_failures={"cart": (1, 3)})

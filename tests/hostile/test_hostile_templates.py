@@ -119,25 +119,36 @@ def test_sizes_a_template_can_build_are_capped(tmp_path: Path, expression: str, 
     ],
 )
 def test_a_huge_subject_or_body_fails_the_recipient(tmp_path: Path, where: str, error: str) -> None:
-    # Within the memory cap, yet no header or email part should be this large.
-    huge = "{% if mode == 'attack' %}{{ 'x'|center(20000000) }}{% endif %}"
-    options: dict[str, Any] = {"template": "<p>Hi {{ first_name }}</p>" + (huge if where == "html" else "")}
+    # Within the memory cap and the size caps (1,000,000 a piece), yet no header or email part should be
+    # this large: 20 (10 for the subject) million characters.
+    def huge(millions: int) -> str:
+        return f"{{% if mode == 'attack' %}}{{% for i in range({millions}) %}}{{{{ 'x' * 1000000 }}}}{{% endfor %}}{{% endif %}}"
+
+    options: dict[str, Any] = {"template": "<p>Hi {{ first_name }}</p>" + (huge(20) if where == "html" else "")}
     if where == "subject":
-        options["campaign"] = {"subject": "Hi " + huge}
+        options["campaign"] = {"subject": "Hi " + huge(10)}
     if where == "text":
-        options["text_template"] = "Hi\n" + huge
+        options["text_template"] = "Hi\n" + huge(20)
     entries = run_attack(tmp_path, **options)
     assert entries["evil"]["error"] == error
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="the memory cap is Linux only")
+def test_memory_cap_fails_the_recipient_and_the_process_lives(tmp_path: Path) -> None:
+    # indent() builds its string in C, out of reach of every hook: only the address-space cap
+    # of a render process stops it (2 GB asked for, 512 MiB allowed). The main process
+    # (--workers 0) has no such cap: RLIMIT_AS would cover its other threads too.
+    template = "<p>Hi {{ first_name }}</p>{% if mode == 'attack' %}{{ 'x\nx'|indent(2 * 10**9) }}{% endif %}"
+    entries = run_attack(tmp_path, template, workers=2, recipients=[*PEOPLE, {**PEOPLE[0], "id": "after"}])
+    assert entries["evil"]["error"] == "the template needed more than the render memory cap (512 MiB)"
+    assert entries["after"]["status"] == "rendered"
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_memory_cap_fails_the_recipient_and_the_process_lives(tmp_path: Path, workers: int) -> None:
-    # center() builds its string in C, out of reach of every hook: only the
-    # address-space cap stops it (2 GB asked for, 512 MiB allowed).
+def test_center_is_capped_like_multiplication(tmp_path: Path, workers: int) -> None:
     template = "<p>Hi {{ first_name }}</p>{% if mode == 'attack' %}{{ 'x'|center(2 * 10**9) }}{% endif %}"
     entries = run_attack(tmp_path, template, workers=workers, recipients=[*PEOPLE, {**PEOPLE[0], "id": "after"}])
-    assert entries["evil"]["error"] == "the template needed more than the render memory cap (512 MiB)"
+    assert "center() to 2000000000 characters is more than the limit" in entries["evil"]["error"]
     assert entries["after"]["status"] == "rendered"
 
 
