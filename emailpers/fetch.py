@@ -30,6 +30,7 @@ from emailpers.cache import ResponseCache, cache_key, request_identity
 from emailpers.campaign import Auth, Campaign, Source
 from emailpers.errors import AuthFailed, BadResponse, FetchTimeout, SourceError, TransientError
 from emailpers.http import BadBody, ConnectionFailed, HttpClient, Response, parse_max_age, parse_retry_after
+from emailpers.limits import Controller, Gate
 from emailpers.outcome import OK_OUTCOMES
 from emailpers.pacing import REAL_TIMING, RateLimiter, RetryPolicy, Timing
 from emailpers.urls import UrlTemplate, url_environment
@@ -88,6 +89,7 @@ class SourceStats:
     fallbacks: int = 0
     latencies_ms: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes each, not ~32
     error_kinds: dict[str, int] = field(default_factory=dict)
+    concurrency: dict[str, int] = field(default_factory=dict)  # the in-flight limit over the run: limits.Controller.figures
 
 
 @dataclass
@@ -125,9 +127,12 @@ class _SourceRuntime:
         self.token = fetcher.token_provider(source.auth) if source.auth and source.auth.kind == "oauth2" else None
         if self.token is not None and source.base_url_from is not None:
             self.token.base_fields.add(source.base_url_from)
-        limit = source.concurrency or fetcher.concurrency
-        self.slots = asyncio.Semaphore(limit)
         timing = fetcher.timing
+        # The source's own `concurrency` and the run's are ceilings; within
+        # them the limit adapts to how the API answers (limits.py).
+        ceiling = min(source.concurrency or fetcher.concurrency, fetcher.concurrency)
+        self.limit = Controller(ceiling, timing.clock, adaptive=fetcher.adaptive)
+        self.slots = Gate(self.limit)
         self.rate = RateLimiter(source.rate_limit, timing.clock, timing.sleep) if source.rate_limit else None
         self.policy = RetryPolicy.of(source, timing)
         self.stats = SourceStats()
@@ -157,12 +162,14 @@ class Fetcher:
         *,
         offline: bool = False,
         concurrency: int = 32,
+        adaptive: bool = True,
         timing: Timing = REAL_TIMING,
     ) -> None:
         self.client = client
         self.cache = cache
         self.offline = offline
         self.concurrency = concurrency
+        self.adaptive = adaptive
         self.timing = timing
         self.clock = timing.clock
         self.wall_clock = timing.wall_clock
@@ -185,6 +192,7 @@ class Fetcher:
         for runtime in self.sources.values():
             if runtime.token:
                 runtime.stats.token_renewals = runtime.token.renewals
+            runtime.stats.concurrency = runtime.limit.figures()
         return {name: runtime.stats for name, runtime in self.sources.items()}
 
     async def fetch_all(self, fields: dict[str, Any], names: list[str] | None = None) -> dict[str, Fetched]:
@@ -334,7 +342,7 @@ class Fetcher:
             raise
 
     async def _ask(self, runtime: _SourceRuntime, url: str, recipients: int) -> _Answer:
-        async with runtime.slots:
+        async with runtime.slots.slot() as slot:
             headers = dict(runtime.headers)
             response = await self._send(runtime, url, headers)
             if response.status == 401 and runtime.token is not None:
@@ -342,6 +350,7 @@ class Fetcher:
                 # failed; it waits for the rate limit like any other request.
                 rejected = headers["Authorization"].removeprefix("Bearer ")
                 response = await self._send(runtime, url, headers, renew_from=rejected)
+            slot.dropped = response.status == 429 or response.status >= 500
         status = response.status
         if status == 429 or status >= 500:
             retry_after = None
