@@ -8,14 +8,16 @@ test feeds it latencies and outcomes and reads the trajectory); `Gate` holds
 requests to the controller's current limit.
 
 The rules, applied on every finished request:
-- a drop (429, 5xx, a timeout, a broken connection) halves the limit, at most
-  once per smoothed latency: the drops of one round trip are one signal;
+- drops (429, 5xx, a timeout, a broken connection) halve the limit once
+  they are more than `DROP_SHARE` of recent answers (a moving average), at
+  most once per smoothed latency: the drops of one round trip are one
+  signal, and the odd 503 of an API that is not overloaded is none;
 - a smoothed latency above `TOLERANCE` x the floor (the least latency seen,
   drifting slowly up so a server that got slower for good becomes the new
   normal within ~`FLOOR_MEMORY` seconds) shrinks the limit by floor x TOLERANCE / latency, at least
   `MIN_GRADIENT`, at most once per smoothed latency;
-- otherwise, while the limit is in use (at least half of it in flight), it
-  grows: by one per answer until the first decrease (doubling per round
+- otherwise, while the limit is in use (at least half of it in flight) and
+  drops are few, it grows: by one per answer until the first decrease (doubling per round
   trip, so a run reaches hundreds within a second or two), then by
   sqrt(limit) per round trip;
 - always between 1 and the ceiling (the source's `concurrency`, the run's
@@ -36,6 +38,8 @@ INITIAL_LIMIT = 16
 TOLERANCE = 2.0  # latency up to this many times its floor is the API's own jitter, not a queue
 MIN_GRADIENT = 0.5  # one latency decrease at most halves the limit
 DROP_FACTOR = 0.5
+DROP_SHARE = 0.1  # drops in the moving average beyond which the API is overloaded
+DROP_WEIGHT = 0.05  # weight of one answer in that average: ~20 answers
 SMOOTHING = 0.1  # weight of a new latency in the smoothed latency
 FLOOR_MEMORY = 10.0  # seconds: the floor moves toward the latency seen with this time constant
 DROPS = (FetchTimeout, TransientError)  # what an overloaded API answers
@@ -50,6 +54,7 @@ class Controller:
         self.adaptive = adaptive
         self.limit = float(min(INITIAL_LIMIT, ceiling) if adaptive else ceiling)
         self.slow_start = True
+        self.drops = 0.0  # moving share of answers that were drops
         self.floor: float | None = None  # seconds
         self.smoothed: float | None = None  # seconds
         self.last_decrease = -math.inf
@@ -70,8 +75,9 @@ class Controller:
         if not self.adaptive:
             return
         now = self.clock()
+        self.drops += DROP_WEIGHT * (dropped - self.drops)
         if dropped:
-            if now - self.last_decrease >= (self.smoothed or 0.0):
+            if self.drops > DROP_SHARE and now - self.last_decrease >= (self.smoothed or 0.0):
                 self._set(self.limit * DROP_FACTOR, now)
             return
         self.smoothed = latency if self.smoothed is None else self.smoothed + SMOOTHING * (latency - self.smoothed)
@@ -84,7 +90,7 @@ class Controller:
         if gradient < 1.0:
             if now - self.last_decrease >= self.smoothed:
                 self._set(self.limit * max(MIN_GRADIENT, gradient), now)
-        elif 2 * in_flight >= self.allowed:
+        elif 2 * in_flight >= self.allowed and self.drops <= DROP_SHARE:
             step = 1.0 if self.slow_start else math.sqrt(self.limit) / self.limit
             self._set(self.limit + step, now)
 
@@ -137,7 +143,7 @@ class Gate:
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
                     self._wake()  # woken, then cancelled: the turn goes to the next
-                else:
+                elif waiter in self._waiters:  # a wake may have passed over it already
                     self._waiters.remove(waiter)
                 raise
         self.in_flight += 1
