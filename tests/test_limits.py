@@ -277,3 +277,30 @@ def test_a_cancelled_waiter_already_passed_over_is_still_just_cancelled() -> Non
         return None
 
     assert isinstance(asyncio.run(scenario()), asyncio.CancelledError)
+
+
+def test_no_adaptive_holds_every_source_at_its_ceiling(api: Api, tmp_path: Path) -> None:
+    @api.route(r"/v1/users/(\w+)")
+    def _(request: Request, match: re.Match[str]) -> Response:
+        return Response(200, {"user": match.group(1)}, delay=0.05)
+
+    campaign = make_campaign(tmp_path, users_source(api), people(60), live=["users"])
+
+    result = render(campaign, tmp_path / "out", "--concurrency", "24", "--no-adaptive")
+
+    assert result.exit_code == 0, result.output
+    assert api.max_in_flight > INITIAL_LIMIT  # from the start, not grown to
+    figures = report(tmp_path / "out")["sources"]["users"]["concurrency"]
+    assert figures == {"min": 24, "median": 24, "max": 24, "final": 24, "changes": 0, "ceiling": 24}
+    assert "in flight:" not in result.output  # a limit that never changed is not news
+
+
+def test_render_help_mentions_adaptive() -> None:
+    from click.testing import CliRunner
+
+    from emailpers.cli import cli
+
+    result = CliRunner().invoke(cli, ["render", "-h"])
+
+    assert "--adaptive / --no-adaptive" in result.stdout
+    assert "--concurrency INTEGER RANGE" in result.stdout and "[default: 256" in result.stdout
