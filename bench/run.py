@@ -41,6 +41,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import zlib
@@ -512,8 +513,7 @@ def naive_campaign(work: Path, recipients: Path, limit: int, port: int) -> dict[
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(work), autoescape=True)
     html_t, text_t = (env.from_string(plain_jinja((work / name).read_text(encoding="utf-8")))
                       for name in ("campaign_bench.mjml.j2", "cart_bench.txt.j2"))
-    out = work / "out-naive-campaign"
-    out.mkdir()
+    out = Path(tempfile.mkdtemp(prefix="out-naive-campaign-", dir=work))  # each repeat its own: nothing deleted
     ok = 0
     started = time.perf_counter()
     auth = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
