@@ -36,6 +36,7 @@ from emailpers.errors import FetchTimeout, TransientError
 
 INITIAL_LIMIT = 16
 TOLERANCE = 2.0  # latency up to this many times its floor is the API's own jitter, not a queue
+SLOW_START_EXIT = 1.5  # latency past this many times its floor ends the doubling (as HyStart does for TCP)
 MIN_GRADIENT = 0.5  # one latency decrease at most halves the limit
 DROP_FACTOR = 0.5
 DROP_SHARE = 0.1  # drops in the moving average beyond which the API is overloaded
@@ -91,6 +92,8 @@ class Controller:
             if now - self.last_decrease >= self.smoothed:
                 self._set(self.limit * max(MIN_GRADIENT, gradient), now)
         elif 2 * in_flight >= self.allowed and self.drops <= DROP_SHARE:
+            if self.smoothed > SLOW_START_EXIT * self.floor:
+                self.slow_start = False  # a queue is forming: doubling now would overshoot by a round trip's worth
             step = 1.0 if self.slow_start else math.sqrt(self.limit) / self.limit
             self._set(self.limit + step, now)
 

@@ -111,8 +111,22 @@ def test_rising_latency_shrinks_the_limit_by_the_gradient() -> None:
             c.sample(0.3, c.allowed, dropped=False)
         clock.now += 0.3
         trajectory.append(c.allowed)
-    assert trajectory == [69, 50, 38, 30]  # +7 in slow start before the smoothed latency passes 2x
+    assert trajectory == [66, 47, 36, 28]  # a few answers of growth before the smoothed latency passes 1.5x, then 2x
     assert c.slow_start is False
+
+
+def test_a_queue_forming_ends_the_doubling_without_a_decrease() -> None:
+    clock = Clock()
+    c = Controller(256, clock)
+    round_trip(c, clock, 0.1)
+    round_trip(c, clock, 0.1)
+    assert c.allowed == 64
+    trajectory = []
+    for _ in range(3):
+        round_trip(c, clock, 0.17)  # 1.7x the floor: past 1.5x, within 2x
+        trajectory.append(c.allowed)
+    assert not c.slow_start
+    assert trajectory == [81, 90, 99]  # doubling would be 128: a dozen answers of it, then ~+sqrt(limit) per round trip
 
 
 def test_jitter_within_the_tolerance_is_not_a_queue() -> None:
