@@ -4,6 +4,7 @@
     python bench/run.py                      # 20,000 recipients, naive baseline on 1,000
     python bench/run.py --recipients 2000 --naive 200
     python bench/run.py --memory             # peak RSS at 10,000 and 100,000 recipients (cold runs)
+    python bench/run.py --latency 20ms,200ms,degrading --recipients 1500 --repeat 3   # adaptive vs fixed
 
 It starts a user-data API on 127.0.0.1 in its own process (aiohttp, 20 +/- 5 ms
 a request, 1% of users answer 503 on their first attempt), writes recipients and
