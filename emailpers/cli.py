@@ -216,7 +216,10 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--recipients", type=click.Path(dir_okay=False, path_type=Path),
                          help="Recipient file (.csv, .tsv, .jsonl, optionally .gz; - reads stdin); overrides [recipients] path."),
             click.option("--concurrency", type=click.IntRange(1, 4096), default=DEFAULT_CONCURRENCY, show_default=True,
-                         help="Requests in flight at once, over all sources."),
+                         help="Ceiling on each source's requests in flight."),
+            click.option("--adaptive/--no-adaptive", default=True, show_default=True,
+                         help="Each source finds its own in-flight limit below the ceiling, backing off when its "
+                              "API slows down or answers 429/5xx; --no-adaptive holds every source at the ceiling."),
             _cache_dir_option,
             click.option("--max-error-rate", type=click.FloatRange(0, 1, min_open=True),
                          default=DEFAULT_MAX_ERROR_RATE, show_default=True,
@@ -272,6 +275,7 @@ def render(
     formats: str,
     recipients: Path | None,
     concurrency: int,
+    adaptive: bool,
     cache_dir: Path | None,
     max_error_rate: float | None,
     progress: bool,
@@ -319,6 +323,7 @@ def render(
             out=out,
             formats=formats,
             concurrency=concurrency,
+            adaptive=adaptive,
             workers=workers,
             cache_dir=cache_dir,
             use_cache=not no_cache,
@@ -364,6 +369,7 @@ def cache_warm(
     campaign_file: Path,
     recipients: Path | None,
     concurrency: int,
+    adaptive: bool,
     cache_dir: Path | None,
     max_error_rate: float | None,
     progress: bool,
@@ -386,7 +392,7 @@ def cache_warm(
     """
     with _errors(), recipients_argument(recipients, getattr(sys.stdin, "buffer", None)) as (path, label):
         campaign = load_campaign(campaign_file, path, recipients_label=label)
-        options = RunOptions(out=None, concurrency=concurrency, cache_dir=cache_dir, max_error_rate=max_error_rate,
+        options = RunOptions(out=None, concurrency=concurrency, adaptive=adaptive, cache_dir=cache_dir, max_error_rate=max_error_rate,
                              record=record, log_request=_log_request if verbose else None,
                              shard=_shard(shard), backend=backend or campaign.backend)
         with _progress(campaign, progress and not quiet, "Warming") as update:

@@ -13,7 +13,9 @@ any other exception while fetching is that recipient's `error` outcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -31,6 +33,7 @@ from emailpers.campaign import Auth, Campaign, Source
 from emailpers.errors import AuthFailed, BackendError, BadResponse, FetchTimeout, SourceError, TransientError
 from emailpers.flat import Histogram
 from emailpers.http import BadBody, ConnectionFailed, HttpClient, Response, parse_max_age, parse_retry_after
+from emailpers.limits import Controller, Gate
 from emailpers.outcome import OK_OUTCOMES
 from emailpers.pacing import REAL_TIMING, RateLimiter, RetryPolicy, Timing
 from emailpers.urls import UrlTemplate, url_environment
@@ -89,6 +92,7 @@ class SourceStats:
     fallbacks: int = 0
     latencies_ms: Histogram = field(default_factory=Histogram)  # fixed size at any count
     error_kinds: dict[str, int] = field(default_factory=dict)
+    concurrency: dict[str, int] = field(default_factory=dict)  # the in-flight limit over the run: limits.Controller.figures
 
 
 @dataclass
@@ -126,14 +130,20 @@ class _SourceRuntime:
         self.token = fetcher.token_provider(source.auth) if source.auth and source.auth.kind == "oauth2" else None
         if self.token is not None and source.base_url_from is not None:
             self.token.base_fields.add(source.base_url_from)
-        limit = source.concurrency or fetcher.concurrency
-        self.slots = asyncio.Semaphore(limit)
         timing = fetcher.timing
+        # The source's own `concurrency` and the run's are ceilings; within
+        # them the limit adapts to how the API answers (limits.py).
+        ceiling = min(source.concurrency or fetcher.concurrency, fetcher.concurrency)
+        self.limit = Controller(ceiling, timing.clock, adaptive=fetcher.adaptive)
+        self.slots = Gate(self.limit)
         self.rate = RateLimiter(source.rate_limit, timing.clock, timing.sleep) if source.rate_limit else None
+        # With a shared backend, a source's `concurrency` also holds over every shard, within
+        # which each shard's own limit still adapts.
+        self.shared_slots: AbstractAsyncContextManager[None] = contextlib.nullcontext()
         shared = fetcher.backend
         if shared is not None:  # the source's limits hold over every shard
             if source.concurrency:
-                self.slots = shared.slots(source, source.concurrency)  # type: ignore[assignment]
+                self.shared_slots = shared.slots(source, source.concurrency)
             if source.rate_limit:
                 self.rate = shared.rate_limiter(source)  # type: ignore[assignment]
         self.policy = RetryPolicy.of(source, timing)
@@ -164,6 +174,7 @@ class Fetcher:
         *,
         offline: bool = False,
         concurrency: int = 32,
+        adaptive: bool = True,
         timing: Timing = REAL_TIMING,
         backend: SharedBackend | None = None,
     ) -> None:
@@ -174,6 +185,7 @@ class Fetcher:
         self.backend = backend  # shared with other shards: cache, limits, token, dedupe (backend.py)
         self.offline = offline
         self.concurrency = concurrency
+        self.adaptive = adaptive
         self.timing = timing
         self.clock = timing.clock
         self.wall_clock = timing.wall_clock
@@ -197,6 +209,7 @@ class Fetcher:
         for runtime in self.sources.values():
             if runtime.token:
                 runtime.stats.token_renewals = runtime.token.renewals
+            runtime.stats.concurrency = runtime.limit.figures()
         return {name: runtime.stats for name, runtime in self.sources.items()}
 
     async def fetch_all(self, fields: dict[str, Any], names: list[str] | None = None) -> dict[str, Fetched]:
@@ -373,7 +386,7 @@ class Fetcher:
             raise
 
     async def _ask(self, runtime: _SourceRuntime, url: str, recipients: int) -> _Answer:
-        async with runtime.slots:
+        async with runtime.slots.slot() as slot, runtime.shared_slots:
             headers = dict(runtime.headers)
             response = await self._send(runtime, url, headers)
             if response.status == 401 and runtime.token is not None:
@@ -381,6 +394,7 @@ class Fetcher:
                 # failed; it waits for the rate limit like any other request.
                 rejected = headers["Authorization"].removeprefix("Bearer ")
                 response = await self._send(runtime, url, headers, renew_from=rejected)
+            slot.dropped = response.status == 429 or response.status >= 500
         status = response.status
         if status == 429 or status >= 500:
             retry_after = None

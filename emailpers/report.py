@@ -42,6 +42,7 @@ class SourceFigures:
     fallbacks: int = 0
     latencies_ms: Histogram = field(default_factory=Histogram)  # of fetches that went to the network
     error_kinds: Mapping[str, int] = field(default_factory=dict)
+    concurrency: Mapping[str, int] = field(default_factory=dict)  # the in-flight limit: min median max final changes ceiling
 
     def to_json(self) -> dict[str, Any]:
         lat = self.latencies_ms
@@ -63,6 +64,7 @@ class SourceFigures:
                 "max": round(lat.max, 1) if lat.max is not None else None,
             },
             "top_errors": dict(sorted(self.error_kinds.items(), key=lambda kv: -kv[1])[:5]),
+            "concurrency": dict(self.concurrency),
         }
 
 
@@ -221,6 +223,11 @@ def summary(report: Report) -> str:
             + (", " + ", ".join(extras) if extras else "")
             + f"; latency p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} max {_ms(lat['max'])}"
         )
+        if (limit := s["concurrency"]) and limit["changes"]:
+            lines.append(
+                f"      in flight: limit min {limit['min']} median {limit['median']} max {limit['max']} "
+                f"(ceiling {limit['ceiling']}, {limit['changes']} changes)"
+            )
         for error, count in s["top_errors"].items():
             lines.append(f"      {count} x {error}")
     lines.extend(f"  WARNING: {warning}" for warning in report.warnings)
