@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from emailpers.errors import CampaignError
 from emailpers.http import BadBody, HttpClient, Response
+from emailpers.output import write_atomic
 
 FIXTURE_VERSION = 1
 # Response headers that change what the fetch layer does with an answer.
@@ -142,9 +142,7 @@ class RecordingClient(HttpClient):
         response = await self.client.get(url, headers, max_bytes=max_bytes)
         path = fixture_path(self.folder, "GET", url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_bytes(encode_fixture("GET", url, response))
-        os.replace(temporary, path)
+        write_atomic(path, encode_fixture("GET", url, response))
         self.recorded += 1
         return response
 
