@@ -599,17 +599,29 @@ def _ids(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple
     return tuple(dict.fromkeys(i.strip() for i in (value or "").split(",") if i.strip()))
 
 
+def sample_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by `check` and `preview`: which recipients they render, and where the data comes from."""
+    for option in reversed(
+        [
+            click.option("--sample", "size", type=click.IntRange(1), default=20, show_default=True, metavar="N",
+                         help="Recipients to render, chosen by a hash of their id: the same ones every run."),
+            click.option("--only", callback=_ids, metavar="ID[,ID]", help="These recipients instead of a sample."),
+            click.option("--recipients", type=click.Path(dir_okay=False, path_type=Path),
+                         help="Recipient file to sample [default: [preview] recipients, else [recipients] path]."),
+            click.option("--replay", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                         help="Data from these fixtures (see render --record) [default: [preview] fixtures]; "
+                              "no secrets needed."),
+            click.option("--offline", is_flag=True, help="Data from the cache only; no network, no secrets."),
+            _cache_dir_option,
+        ]
+    ):
+        func = option(func)
+    return func
+
+
 @cli.command()
 @click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--sample", "size", type=click.IntRange(1), default=20, show_default=True, metavar="N",
-              help="Recipients to render and lint, chosen by a hash of their id: the same ones every run.")
-@click.option("--only", callback=_ids, metavar="ID[,ID]", help="Check these recipients instead of a sample.")
-@click.option("--recipients", type=click.Path(dir_okay=False, path_type=Path),
-              help="Recipient file to sample [default: [preview] recipients, else [recipients] path].")
-@click.option("--replay", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Data from these fixtures (see render --record) [default: [preview] fixtures]; no secrets needed.")
-@click.option("--offline", is_flag=True, help="Data from the cache only; no network, no secrets.")
-@_cache_dir_option
+@sample_options
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the rendered sample here [default: a temporary folder, removed].")
 @click.option("--strict", is_flag=True, help="Warnings fail the check too.")
@@ -665,15 +677,7 @@ def check(
 @click.argument("campaign_file", metavar="CAMPAIGN", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Gallery folder: index.html, emails/, screenshots/.")
-@click.option("--sample", "size", type=click.IntRange(1), default=20, show_default=True, metavar="N",
-              help="Recipients to show, chosen as `check` chooses them.")
-@click.option("--only", callback=_ids, metavar="ID[,ID]", help="Show these recipients instead of a sample.")
-@click.option("--recipients", type=click.Path(dir_okay=False, path_type=Path),
-              help="Recipient file to sample [default: [preview] recipients, else [recipients] path].")
-@click.option("--replay", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Data from these fixtures [default: [preview] fixtures]; no secrets needed.")
-@click.option("--offline", is_flag=True, help="Data from the cache only; no network, no secrets.")
-@_cache_dir_option
+@sample_options
 @click.option("--screenshots", is_flag=True, help="Also PNGs of every email at 600 and 375 px, in headless Chromium.")
 @click.option("--open", "open_", is_flag=True, help="Open index.html in the default browser.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")

@@ -64,16 +64,6 @@ class Fetched:
     def ok(self) -> bool:
         return self.outcome in OK_OUTCOMES
 
-    def manifest(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "outcome": self.outcome,
-            "attempts": self.attempts,
-            "ms": round(self.ms, 1),
-            "status_code": self.status_code,
-        }
-        if self.error:
-            out["error"] = self.error
-        return out
 
 
 @dataclass
