@@ -122,6 +122,12 @@ class RenderPool:
                 del pending[ready]  # type: ignore[arg-type]
         for process in pending.values():
             process.kill()  # the pool's own thread ends once its processes are gone
+        # Wait (boundedly) for that thread: left running into interpreter exit it races
+        # concurrent.futures' exit hook on its wakeup pipe, which then prints "Exception
+        # ignored ... Bad file descriptor" after our one Error line (seen once in CI, under load).
+        manager = getattr(self.executor, "_executor_manager_thread", None)
+        if manager is not None:
+            manager.join(5.0)
 
 
 # -- in a render process ----------------------------------------------------------------------
