@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -31,7 +30,7 @@ from emailpers.batching import Batcher
 from emailpers.cache import Entry, ResponseCache, cache_key, request_identity
 from emailpers.campaign import Auth, Campaign, Source
 from emailpers.errors import AuthFailed, BackendError, BadResponse, FetchTimeout, SourceError, TransientError
-from emailpers.flat import Histogram
+from emailpers.flat import Histogram, Recent
 from emailpers.http import BadBody, ConnectionFailed, HttpClient, Response, parse_max_age, parse_retry_after
 from emailpers.limits import Controller, Gate
 from emailpers.outcome import OK_OUTCOMES
@@ -184,8 +183,7 @@ class Fetcher:
         env = url_environment()
         self.sources = {name: _SourceRuntime(s, env, self) for name, s in campaign.sources.items()}
         self._inflight: dict[str, asyncio.Future[Fetched]] = {}
-        self._answered: OrderedDict[str, Fetched] = OrderedDict()
-        self._answered_bytes = 0
+        self._answered: Recent[Fetched] = Recent(_ANSWERED_MAX, _ANSWERED_BYTES)
 
     def token_provider(self, auth: Auth) -> TokenProvider:
         # Keyed by the whole configuration: an [auth.X] table and a source X
@@ -249,7 +247,6 @@ class Fetcher:
             return replace(await asyncio.shield(waiting), shared=True)
         if (answered := self._answered.get(key)) is not None:
             stats.dedupe_hits += 1
-            self._answered.move_to_end(key)
             return answered
         future: asyncio.Future[Fetched] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
@@ -303,10 +300,7 @@ class Fetcher:
     def _remember(self, key: str, result: Fetched) -> None:
         """Recent live answers, so a later recipient asking the same URL in this
         run shares it even when the cache is off or the API said no-store."""
-        self._answered[key] = replace(result, shared=True)
-        self._answered_bytes += result.size
-        while len(self._answered) > _ANSWERED_MAX or self._answered_bytes > _ANSWERED_BYTES:
-            self._answered_bytes -= self._answered.popitem(last=False)[1].size
+        self._answered.put(key, replace(result, shared=True), result.size)
 
     def _count(self, stats: SourceStats, result: Fetched) -> Fetched:
         if not result.ok and not result.shared:

@@ -8,6 +8,8 @@
   keys themselves, not digests, so no false duplicate), and flat in memory at
   any N. SQLite because it is in the standard library, an indexed table on
   disk is what the job needs, and it answers a lookup in a few microseconds.
+- `Recent`: the most recently used values by key, within a count and a byte
+  budget (answers shared by many recipients, decoded cache entries).
 """
 
 from __future__ import annotations
@@ -18,7 +20,49 @@ import sqlite3
 import tempfile
 import weakref
 from array import array
+from collections import OrderedDict
 from pathlib import Path
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+
+class Recent(Generic[V]):
+    """Values by key, the least recently used dropped first once there are
+    more than `entries` or their sizes (as the caller counts them) pass `size`."""
+
+    def __init__(self, entries: int, size: int) -> None:
+        self.entries, self.size = entries, size
+        self.used = 0
+        self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: str, value: V, size: int) -> None:
+        self.pop(key)
+        if size > self.size:
+            return  # would push out everything else and still not fit
+        self._items[key] = (value, size)
+        self.used += size
+        while len(self._items) > self.entries or self.used > self.size:
+            self.used -= self._items.popitem(last=False)[1][1]
+
+    def pop(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.used -= item[1]
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.used = 0
 
 
 class Histogram:

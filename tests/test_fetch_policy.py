@@ -311,3 +311,52 @@ def test_a_cache_that_started_empty_returns_what_it_wrote_after_a_flush(tmp_path
     assert entry is not None and entry.data == {"n": 1}  # committed: read back from SQLite
     assert cache.get("k2") is None
     cache.close()
+
+
+def test_a_shared_entry_is_read_from_sqlite_once_and_never_outlives_its_freshness(tmp_path: Path) -> None:
+    """Decoded entries stay in memory (weather by city: one key, thousands of
+    recipients), but a newer write replaces them and past fresh the database
+    decides again, so stale-if-error and expiry mean what they meant."""
+    now = [1000.0]
+    writer = ResponseCache(tmp_path / "cache", clock=lambda: now[0])
+    writer.set("city", data={"t": 1}, fresh_for=60, keep_for=600, source="weather", url="https://api.example/w")
+    writer.close()
+    cache = ResponseCache(tmp_path / "cache", clock=lambda: now[0])
+    reads: list[str] = []
+    get = cache._cache.get
+
+    def counted(key: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(key)
+        return get(key, *args, **kwargs)
+
+    cache._cache.get = counted
+    for _ in range(100):
+        entry = cache.get("city")
+        assert entry is not None and entry.data == {"t": 1}
+    assert reads == ["city"]
+
+    cache.set("city", data={"t": 2}, fresh_for=60, keep_for=600, source="weather", url="https://api.example/w")
+    cache.flush()
+    entry = cache.get("city")
+    assert entry is not None and entry.data == {"t": 2}  # the write, not the decoded copy
+    now[0] += 61  # past fresh: read again, and given as it is, stale
+    entry = cache.get("city")
+    assert entry is not None and not entry.is_fresh(now[0]) and reads[-1] == "city" and len(reads) == 3
+    cache.close()
+
+
+def test_the_decoded_entries_are_bounded_by_count_and_bytes(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "cache")
+    for i in range(cache.RECENT_ENTRIES + 50):
+        cache.set(f"k{i}", data={"n": i}, fresh_for=60, keep_for=60, source="shop", url=f"https://api.example/{i}")
+    big = "x" * (cache.RECENT_BYTES // 3)
+    for i in range(4):
+        cache.set(f"big{i}", data=big, fresh_for=60, keep_for=60, source="shop", url=f"https://api.example/b{i}")
+    cache.flush()
+    for i in range(cache.RECENT_ENTRIES + 50):
+        assert cache.get(f"k{i}") is not None
+    assert len(cache._recent) == cache.RECENT_ENTRIES
+    for i in range(4):
+        assert cache.get(f"big{i}") is not None
+    assert cache._recent.used <= cache.RECENT_BYTES and len(cache._recent) < cache.RECENT_ENTRIES
+    cache.close()
