@@ -34,7 +34,7 @@ from types import TracebackType
 
 from emailpers.errors import FetchTimeout, TransientError
 
-INITIAL_LIMIT = 16
+INITIAL_LIMIT = 32  # the old fixed default: no API sees more at the start than it used to
 TOLERANCE = 2.0  # latency up to this many times its floor is the API's own jitter, not a queue
 SLOW_START_EXIT = 1.5  # latency past this many times its floor ends the doubling (as HyStart does for TCP)
 # Seconds added to both thresholds: a busy client's own event loop delays every answer
@@ -53,11 +53,13 @@ DROPS = (FetchTimeout, TransientError)  # what an overloaded API answers
 class Controller:
     """One source's in-flight limit. `adaptive=False` holds it at the ceiling."""
 
-    def __init__(self, ceiling: int, clock: Callable[[], float], *, adaptive: bool = True) -> None:
+    def __init__(
+        self, ceiling: int, clock: Callable[[], float], *, adaptive: bool = True, initial: int = INITIAL_LIMIT
+    ) -> None:
         self.ceiling = ceiling
         self.clock = clock
         self.adaptive = adaptive
-        self.limit = float(min(INITIAL_LIMIT, ceiling) if adaptive else ceiling)
+        self.limit = float(min(initial, ceiling) if adaptive else ceiling)
         self.slow_start = True
         self.drops = 0.0  # moving share of answers that were drops
         self.floor: float | None = None  # seconds

@@ -38,12 +38,12 @@ def round_trip(c: Controller, clock: Clock, latency: float, *, busy: bool = True
 
 def test_slow_start_doubles_the_limit_each_round_trip_up_to_the_ceiling() -> None:
     clock = Clock()
-    c = Controller(100, clock)
+    c = Controller(100, clock, initial=16)
     trajectory = [c.allowed]
     for _ in range(4):
         round_trip(c, clock, 0.2)
         trajectory.append(c.allowed)
-    assert trajectory == [INITIAL_LIMIT, 32, 64, 100, 100]
+    assert trajectory == [16, 32, 64, 100, 100]
 
 
 def test_the_limit_does_not_grow_while_it_is_not_in_use() -> None:
@@ -56,7 +56,7 @@ def test_the_limit_does_not_grow_while_it_is_not_in_use() -> None:
 
 def test_drops_halve_the_limit_once_per_round_trip() -> None:
     clock = Clock()
-    c = Controller(256, clock)
+    c = Controller(256, clock, initial=16)
     round_trip(c, clock, 0.1)
     round_trip(c, clock, 0.1)
     assert c.allowed == 64
@@ -74,7 +74,7 @@ def test_drops_halve_the_limit_once_per_round_trip() -> None:
 
 def test_an_odd_failure_is_not_overload() -> None:
     clock = Clock()
-    c = Controller(256, clock)
+    c = Controller(256, clock, initial=16)
     for i in range(1000):  # 2% of answers a 503, all the time
         c.sample(0.1, c.allowed, dropped=i % 50 == 0)
         clock.now += 0.01
@@ -84,7 +84,7 @@ def test_an_odd_failure_is_not_overload() -> None:
 
 def test_after_a_decrease_the_limit_grows_by_its_square_root_per_round_trip() -> None:
     clock = Clock()
-    c = Controller(256, clock)
+    c = Controller(256, clock, initial=16)
     for _ in range(3):
         round_trip(c, clock, 0.1)
     assert c.allowed == 128
@@ -101,7 +101,7 @@ def test_after_a_decrease_the_limit_grows_by_its_square_root_per_round_trip() ->
 
 def test_rising_latency_shrinks_the_limit_by_the_gradient() -> None:
     clock = Clock()
-    c = Controller(256, clock)
+    c = Controller(256, clock, initial=16)
     round_trip(c, clock, 0.1)
     round_trip(c, clock, 0.1)
     assert c.allowed == 64
@@ -119,7 +119,7 @@ def test_rising_latency_shrinks_the_limit_by_the_gradient() -> None:
 
 def test_a_queue_forming_ends_the_doubling_without_a_decrease() -> None:
     clock = Clock()
-    c = Controller(256, clock)
+    c = Controller(256, clock, initial=16)
     round_trip(c, clock, 0.1)
     round_trip(c, clock, 0.1)
     assert c.allowed == 64
@@ -133,7 +133,7 @@ def test_a_queue_forming_ends_the_doubling_without_a_decrease() -> None:
 
 def test_jitter_within_the_tolerance_is_not_a_queue() -> None:
     clock = Clock()
-    c = Controller(256, clock)
+    c = Controller(256, clock, initial=16)
     latencies = [0.15, 0.25, 0.2, 0.18, 0.22]  # 200 +/- 50 ms
     for i in range(400):
         c.sample(latencies[i % 5], c.allowed, dropped=False)
@@ -144,7 +144,7 @@ def test_jitter_within_the_tolerance_is_not_a_queue() -> None:
 
 def test_a_busy_clients_own_delay_against_a_fast_api_is_not_a_queue() -> None:
     clock = Clock()
-    c = Controller(256, clock)
+    c = Controller(256, clock, initial=16)
     c.sample(0.015, c.allowed, dropped=False)  # the API's 15 ms, once
     for _ in range(6):
         round_trip(c, clock, 0.045)  # then +30 ms of event-loop delay on every answer
@@ -162,7 +162,7 @@ def test_a_fixed_limit_stays_at_the_ceiling() -> None:
 
 def test_figures_are_weighted_by_the_time_at_each_limit() -> None:
     clock = Clock()
-    c = Controller(64, clock)
+    c = Controller(64, clock, initial=16)
     clock.now += 1.0  # 1 s at 16
     round_trip(c, clock, 0.1)  # 0.1 s more at 16, then 32
     clock.now += 5.0
@@ -172,7 +172,7 @@ def test_figures_are_weighted_by_the_time_at_each_limit() -> None:
 
 
 def test_a_ceiling_below_the_initial_limit_is_the_start() -> None:
-    c = Controller(4, Clock())
+    c = Controller(4, Clock(), initial=16)
     assert c.allowed == 4
 
 
@@ -309,14 +309,14 @@ def test_no_adaptive_holds_every_source_at_its_ceiling(api: Api, tmp_path: Path)
     def _(request: Request, match: re.Match[str]) -> Response:
         return Response(200, {"user": match.group(1)}, delay=0.05)
 
-    campaign = make_campaign(tmp_path, users_source(api), people(60), live=["users"])
+    campaign = make_campaign(tmp_path, users_source(api), people(120), live=["users"])
 
-    result = render(campaign, tmp_path / "out", "--concurrency", "24", "--no-adaptive")
+    result = render(campaign, tmp_path / "out", "--concurrency", "48", "--no-adaptive")
 
     assert result.exit_code == 0, result.output
     assert api.max_in_flight > INITIAL_LIMIT  # from the start, not grown to
     figures = report(tmp_path / "out")["sources"]["users"]["concurrency"]
-    assert figures == {"min": 24, "median": 24, "max": 24, "final": 24, "changes": 0, "ceiling": 24}
+    assert figures == {"min": 48, "median": 48, "max": 48, "final": 48, "changes": 0, "ceiling": 48}
     assert "in flight:" not in result.output  # a limit that never changed is not news
 
 
