@@ -160,6 +160,12 @@ class FirstSeen:
         row = self._db.execute("SELECT value FROM seen WHERE key = ?", (key,)).fetchone()
         return str(row[0])
 
+    def __contains__(self, key: object) -> bool:
+        if self._memory is not None:
+            return key in self._memory
+        assert self._db is not None
+        return self._db.execute("SELECT 1 FROM seen WHERE key = ?", (key,)).fetchone() is not None
+
     def _spill(self) -> None:
         folder = tempfile.mkdtemp(prefix="emailpers-seen-")
         db = sqlite3.connect(Path(folder) / "seen.sqlite", isolation_level=None)

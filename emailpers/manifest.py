@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from emailpers.errors import OutputError
+from emailpers.flat import FirstSeen
 from emailpers.outcome import OK_OUTCOMES, by_row
 from emailpers.output import MANIFEST, MESSAGES, REPORT, is_message_file, write_atomic
 from emailpers.shards import RUN, Shard
@@ -78,7 +79,7 @@ def describe_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:
 class Done:
     """What earlier runs on the same output folder already finished."""
 
-    ids: set[str] = field(default_factory=set)
+    ids: FirstSeen = field(default_factory=FirstSeen)  # flat in memory however long the manifest (flat.py)
     invalid_rows: set[int] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=dict)
     # per source: recipients it was asked for, and those it gave no data
@@ -94,7 +95,7 @@ class Done:
         if by_row(status):
             self.invalid_rows.add(entry.get("row", -1))
         else:
-            self.ids.add(entry["id"])
+            self.ids.first(entry["id"])
         for name, result in (entry.get("sources") or {}).items():
             self.source_recipients[name] = self.source_recipients.get(name, 0) + 1
             if result.get("outcome") not in OK_OUTCOMES:

@@ -87,3 +87,23 @@ def test_duplicate_ids_and_reused_addresses_are_found_past_the_spill(
     invalid = [(e["row"], e["error"]) for e in manifest_lines(out) if e["status"] == "invalid"]
     assert invalid == [(6, "duplicate id 'r1' (first seen earlier in the file)")]
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_resume_past_the_spill_skips_exactly_the_recipients_already_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ids a resumed run skips (manifest.Done) are held like the duplicate
+    ids: in memory up to SPILL_AT, then on disk, so a resume of a million-line
+    manifest does not hold a million ids."""
+    monkeypatch.setattr(FirstSeen, "SPILL_AT", 3)
+    rows = [{"id": f"r{n}", "email": f"r{n}@example.com", "first_name": "A"} for n in range(10)]
+    campaign = write_campaign(tmp_path / "c", recipients=rows[:6])
+    out = tmp_path / "out"
+    assert render(campaign, out).exit_code == 0
+    campaign = write_campaign(tmp_path / "c", recipients=rows)  # four more, same campaign and templates
+
+    result = render(campaign, out)
+
+    assert result.exit_code == 0, result.output
+    ids = [e["id"] for e in manifest_lines(out)]
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # the six once, the four new once
