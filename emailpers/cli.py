@@ -229,7 +229,8 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (the report) instead."),
             click.option("-q", "--quiet", is_flag=True, help="Print errors only (cron mails every line printed)."),
             click.option("-v", "--verbose", is_flag=True,
-                         help="Print each request on stderr: method, URL, status (or error) and time."),
+                         help="Print each request on stderr (method, URL, status or error, time) and each change of a "
+                              "source's in-flight limit, with the reason."),
             click.option("--shard", metavar="K/N",
                          help="Do only shard K (0..N-1) of N: the recipients whose id hashes to K. auto/N reads K "
                               "from JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX, SLURM_ARRAY_TASK_ID or "

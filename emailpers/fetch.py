@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -123,7 +124,11 @@ class _SourceRuntime:
         # The source's own `concurrency` and the run's are ceilings; within
         # them the limit adapts to how the API answers (limits.py).
         ceiling = min(source.concurrency or fetcher.concurrency, fetcher.concurrency)
-        self.limit = Controller(ceiling, timing.clock, adaptive=fetcher.adaptive)
+        log = fetcher.log_limit
+        self.limit = Controller(
+            ceiling, timing.clock, adaptive=fetcher.adaptive,
+            on_change=None if log is None else lambda limit, why: log(f"{source.name}: in flight limit {limit} ({why})"),
+        )  # fmt: skip
         self.slots = Gate(self.limit)
         self.rate = RateLimiter(source.rate_limit, timing.clock, timing.sleep) if source.rate_limit else None
         # With a shared backend, a source's `concurrency` also holds over every shard, within
@@ -166,8 +171,11 @@ class Fetcher:
         adaptive: bool = True,
         timing: Timing = REAL_TIMING,
         backend: SharedBackend | None = None,
+        log_limit: Callable[[str], None] | None = None,
     ) -> None:
+        """`log_limit`: a line for each change of a source's in-flight limit (-v)."""
         self.client = client
+        self.log_limit = log_limit
         self.cache = cache
         # The disk cache is read in this thread; a shared one (backend.CacheStore) over the network.
         self.store: CacheStore | None = DiskStore(cache) if isinstance(cache, ResponseCache) else cache

@@ -9,7 +9,8 @@ requests to the controller's current limit.
 
 The rules, applied on every finished request:
 - drops (429, 5xx, a timeout, a broken connection) halve the limit once
-  they are more than `DROP_SHARE` of recent answers (a moving average), at
+  they are more than `DROP_SHARE` of a round trip's answers (a moving average
+  over about `limit` answers, at least `DROP_WINDOW`), at
   most once per smoothed latency: the drops of one round trip are one
   signal, and the odd 503 of an API that is not overloaded is none;
 - a smoothed latency above `TOLERANCE` x the floor + `SLACK` (the least latency seen,
@@ -44,9 +45,13 @@ SLACK = 0.05
 MIN_GRADIENT = 0.5  # one latency decrease at most halves the limit
 DROP_FACTOR = 0.5
 DROP_SHARE = 0.1  # drops in the moving average beyond which the API is overloaded
-DROP_WEIGHT = 0.05  # weight of one answer in that average: ~20 answers
+# The least number of answers that average spans; above it, as many as the limit: about
+# a round trip's answers. A fixed 20 took three of an API's usual 1% 503s within 20 ms
+# of answers (at 1,000 a second) for overload, and halved the limit several times a run.
+DROP_WINDOW = 20
 SMOOTHING = 0.1  # weight of a new latency in the smoothed latency
 FLOOR_MEMORY = 10.0  # seconds: the floor moves toward the latency seen with this time constant
+REPORT_GROWTH = 1.25  # growth told to on_change (-v) in steps of at least this factor
 DROPS = (FetchTimeout, TransientError)  # what an overloaded API answers
 
 
@@ -54,9 +59,20 @@ class Controller:
     """One source's in-flight limit. `adaptive=False` holds it at the ceiling."""
 
     def __init__(
-        self, ceiling: int, clock: Callable[[], float], *, adaptive: bool = True, initial: int = INITIAL_LIMIT
+        self,
+        ceiling: int,
+        clock: Callable[[], float],
+        *,
+        adaptive: bool = True,
+        initial: int = INITIAL_LIMIT,
+        on_change: Callable[[int, str], None] | None = None,
     ) -> None:
+        """`on_change(limit, why)` hears of every decrease, and of growth once
+        the limit is `REPORT_GROWTH` times the last one told or at the ceiling
+        (in slow start the limit changes with every answer): `-v`."""
         self.ceiling = ceiling
+        self.on_change = on_change
+        self._told = self.allowed_for(min(initial, ceiling) if adaptive else ceiling)
         self.clock = clock
         self.adaptive = adaptive
         self.limit = float(min(initial, ceiling) if adaptive else ceiling)
@@ -71,9 +87,13 @@ class Controller:
         self.time_at: dict[int, float] = {}
         self._since = self._last = clock()
 
+    @staticmethod
+    def allowed_for(limit: float) -> int:
+        return max(1, int(limit))
+
     @property
     def allowed(self) -> int:
-        return max(1, int(self.limit))
+        return self.allowed_for(self.limit)
 
     def sample(self, latency: float, in_flight: int, dropped: bool) -> None:
         """A request finished after `latency` seconds with `in_flight`
@@ -82,10 +102,10 @@ class Controller:
         if not self.adaptive:
             return
         now = self.clock()
-        self.drops += DROP_WEIGHT * (dropped - self.drops)
+        self.drops += (dropped - self.drops) / max(DROP_WINDOW, self.allowed)
         if dropped:
             if self.drops > DROP_SHARE and now - self.last_decrease >= (self.smoothed or 0.0):
-                self._set(self.limit * DROP_FACTOR, now)
+                self._set(self.limit * DROP_FACTOR, now, f"{self.drops:.0%} of recent answers were 429, 5xx or timeouts")
             return
         self.smoothed = latency if self.smoothed is None else self.smoothed + SMOOTHING * (latency - self.smoothed)
         # The drift is by time, not by answer: at a thousand answers a second
@@ -96,14 +116,15 @@ class Controller:
         gradient = (TOLERANCE * self.floor + SLACK) / self.smoothed if self.smoothed > 0 else 1.0
         if gradient < 1.0:
             if now - self.last_decrease >= self.smoothed:
-                self._set(self.limit * max(MIN_GRADIENT, gradient), now)
+                why = f"latency {self.smoothed * 1000:.0f} ms, over {(TOLERANCE * self.floor + SLACK) * 1000:.0f} ms"
+                self._set(self.limit * max(MIN_GRADIENT, gradient), now, why)
         elif 2 * in_flight >= self.allowed and self.drops <= DROP_SHARE:
             if self.smoothed > SLOW_START_EXIT * self.floor + SLACK:
                 self.slow_start = False  # a queue is forming: doubling now would overshoot by a round trip's worth
             step = 1.0 if self.slow_start else math.sqrt(self.limit) / self.limit
-            self._set(self.limit + step, now)
+            self._set(self.limit + step, now, f"latency {self.smoothed * 1000:.0f} ms, fastest {self.floor * 1000:.0f} ms")
 
-    def _set(self, limit: float, now: float) -> None:
+    def _set(self, limit: float, now: float, why: str) -> None:
         limit = min(float(self.ceiling), max(1.0, limit))
         if limit < self.limit:
             self.slow_start = False
@@ -114,6 +135,10 @@ class Controller:
             self.changes += 1
             self.time_at[before] = self.time_at.get(before, 0.0) + now - self._since
             self._since = now
+            grown = self.allowed >= REPORT_GROWTH * self._told or (self.allowed == self.ceiling > self._told)
+            if self.on_change is not None and (self.allowed < before or grown):
+                self.on_change(self.allowed, why)
+                self._told = self.allowed
 
     def figures(self) -> dict[str, int]:
         """The limit over the run so far: least, time-weighted median,

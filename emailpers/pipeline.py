@@ -78,7 +78,7 @@ class RunOptions:
     # from it with no network. Either way the cache is neither read nor written.
     record: Path | None = None
     replay: Path | None = None
-    log_request: Callable[[str], None] | None = None  # -v: one line per request (method, URL, status, time)
+    log_request: Callable[[str], None] | None = None  # -v: a line per request (method, URL, status, time) and limit change
     shard: Shard | None = None  # do only this shard's recipients (shards.py)
     backend: str | None = None  # redis://...: share cache, limits, token, dedupe and guard with other shards
 
@@ -364,7 +364,7 @@ class Run:
         async with run_client(options) as client:
             fetcher = Fetcher(
                 self.campaign, client, store, offline=options.offline, concurrency=options.concurrency,
-                adaptive=options.adaptive, timing=self.timing, backend=backend,
+                adaptive=options.adaptive, timing=self.timing, backend=backend, log_limit=options.log_request,
             )  # fmt: skip
             self.network = fetcher.stats()  # read at the report, whatever ends the run
             batch_sizes = [s.batch.size for s in self.campaign.sources.values() if s.batch]

@@ -72,6 +72,18 @@ def test_drops_halve_the_limit_once_per_round_trip() -> None:
     assert c.allowed == 1
 
 
+def test_an_apis_usual_one_percent_of_503s_never_halves_a_large_limit() -> None:
+    """Three 503s close together are 3 of a round trip's 256 answers, not overload."""
+    clock = Clock()
+    c = Controller(256, clock)
+    while c.allowed < 256:
+        round_trip(c, clock, 0.2)
+    for n in range(5000):  # 1%: in bursts of three
+        c.sample(0.2, 256, dropped=n % 300 in (0, 1, 2))
+        clock.now += 0.2 / 256
+    assert c.allowed == 256 and c.changes == 224
+
+
 def test_an_odd_failure_is_not_overload() -> None:
     clock = Clock()
     c = Controller(256, clock, initial=16)
@@ -88,15 +100,16 @@ def test_after_a_decrease_the_limit_grows_by_its_square_root_per_round_trip() ->
     for _ in range(3):
         round_trip(c, clock, 0.1)
     assert c.allowed == 128
-    for _ in range(3):
+    for _ in range(20):  # a round trip with 20 of 128 answers refused: overload
         c.sample(0.1, 128, dropped=True)
     assert c.allowed == 64
     clock.now += 0.11
+    round_trip(c, clock, 0.1, busy=False)  # the drops fade; a limit not in use does not grow
     trajectory = []
     for _ in range(3):
         round_trip(c, clock, 0.1)
         trajectory.append(c.allowed)
-    assert trajectory == [71, 79, 87]  # ~ +sqrt(64), +sqrt(72), +sqrt(80), once the drops have faded
+    assert trajectory == [71, 79, 88]  # about +sqrt(limit) a round trip
 
 
 def test_rising_latency_shrinks_the_limit_by_the_gradient() -> None:
@@ -283,6 +296,42 @@ def test_an_api_answering_429_past_a_load_sees_the_load_fall(api: Api, tmp_path:
     figures = report(tmp_path / "out")["sources"]["users"]["concurrency"]
     assert figures["max"] > INITIAL_LIMIT and figures["final"] <= 12 and figures["ceiling"] == 64
     assert "in flight: limit min" in result.output
+
+
+def test_verbose_tells_each_limit_change_of_a_source_with_its_reason(api: Api, tmp_path: Path) -> None:
+    Overloading(api, calm=60, most=4, delay=0.02)
+    source = users_source(api, "retries = 8\nbackoff_initial = 0.02\nbackoff_max = 0.1\ndeadline = 30")
+    campaign = make_campaign(tmp_path, source, people(200), live=["users"])
+
+    result = render(campaign, tmp_path / "out", "--concurrency", "64", "-v")
+
+    assert result.exit_code == 0, result.output
+    told = re.findall(r"^users: in flight limit (\d+) \((.*)\)$", result.output, re.M)
+    assert any("429, 5xx or timeouts" in why for _, why in told), result.output[-3000:]
+    assert int(told[-1][0]) < 32  # it came down from where it started
+
+
+def test_on_change_hears_every_decrease_and_growth_in_steps() -> None:
+    clock = Clock()
+    heard: list[tuple[int, str]] = []
+    c = Controller(100, clock, initial=16, on_change=lambda limit, why: heard.append((limit, why)))
+    for _ in range(3):
+        round_trip(c, clock, 0.2)
+    grown = [limit for limit, _ in heard]
+    assert grown[0] == 20 and grown[-1] == 100 and len(grown) < 10  # 16 -> 100 in ~1.25x steps, not 84 lines
+    assert all(b >= 1.25 * a or b == 100 for a, b in zip(grown, grown[1:], strict=False))
+    heard.clear()
+    for _ in range(15):
+        c.sample(0.001, 100, dropped=True)
+    [(limit, why)] = heard  # once per round trip
+    assert limit == 50 and re.fullmatch(r"1\d% of recent answers were 429, 5xx or timeouts", why), heard
+    heard.clear()
+    clock.now += 1.0  # a round trip after the drops
+    for _ in range(8):  # answers slow down: past twice the fastest + 50 ms, a queue
+        clock.now += 0.01
+        c.sample(2.0, 50, dropped=False)
+    [(limit, why)] = heard  # once per round trip
+    assert limit < 50 and re.fullmatch(r"latency \d+ ms, over \d+ ms", why), heard
 
 
 def test_a_cancelled_waiter_already_passed_over_is_still_just_cancelled() -> None:
