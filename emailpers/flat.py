@@ -10,6 +10,8 @@
   disk is what the job needs, and it answers a lookup in a few microseconds.
 - `Recent`: the most recently used values by key, within a count and a byte
   budget (answers shared by many recipients, decoded cache entries).
+- `Sketch`: which keys were added, in a fixed 1 MiB bit set (a Bloom filter):
+  never a false "no", a false "yes" for a share of keys that grows with the count.
 """
 
 from __future__ import annotations
@@ -25,6 +27,31 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
+
+
+class Sketch:
+    """Keys added, as 3 bits each in a fixed 2**23-bit set: `key in sketch` is
+    never False for a key added, and True for a key never added about 2.7% of the
+    time at a million keys (0.03% at 100,000); memory is 1 MiB at any count.
+    Python's hash() of the key, so only for keys of this process's life."""
+
+    BITS = 1 << 23
+    _MASK = BITS - 1
+
+    def __init__(self) -> None:
+        self._bits = bytearray(self.BITS // 8)
+
+    def _positions(self, key: str) -> tuple[int, int, int]:
+        h = hash(key) & 0xFFFFFFFFFFFFFFFF
+        first, step = h & self._MASK, (h >> 32) | 1  # double hashing (Kirsch-Mitzenmacher)
+        return first, (first + step) & self._MASK, (first + 2 * step) & self._MASK
+
+    def add(self, key: str) -> None:
+        for bit in self._positions(key):
+            self._bits[bit >> 3] |= 1 << (bit & 7)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and all(self._bits[bit >> 3] >> (bit & 7) & 1 for bit in self._positions(key))
 
 
 class Recent(Generic[V]):

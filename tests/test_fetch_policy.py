@@ -345,6 +345,28 @@ def test_a_shared_entry_is_read_from_sqlite_once_and_never_outlives_its_freshnes
     cache.close()
 
 
+def test_a_cold_cache_holds_nothing_per_key_it_wrote(tmp_path: Path) -> None:
+    """What a cache that started empty remembers of its writes (so a cold run
+    skips lookups that all miss) is a fixed-size sketch, not a set that grew
+    ~60 bytes a key: 59 MB of the main process at a million recipients."""
+    import tracemalloc
+
+    cache = ResponseCache(tmp_path / "cache")
+    data = {"items": ["kettle"]}
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for n in range(30_000):
+            cache.set(f"k{n}", data=data, fresh_for=60, keep_for=60, source="shop", url="https://api.example/x")
+        cache.flush()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 500_000, grown  # the set of hashes: ~2 MB here
+    assert cache.get("k29999") is not None and cache.get("k30000") is None
+    cache.close()
+
+
 def test_the_decoded_entries_are_bounded_by_count_and_bytes(tmp_path: Path) -> None:
     cache = ResponseCache(tmp_path / "cache")
     for i in range(cache.RECENT_ENTRIES + 50):

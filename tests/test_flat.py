@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from emailpers.flat import FirstSeen, Histogram
+from emailpers.flat import FirstSeen, Histogram, Sketch
 
 from conftest import manifest_lines, render, report, write_campaign
 
@@ -107,3 +107,19 @@ def test_a_resume_past_the_spill_skips_exactly_the_recipients_already_done(
     assert result.exit_code == 0, result.output
     ids = [e["id"] for e in manifest_lines(out)]
     assert sorted(ids) == sorted(r["id"] for r in rows)  # the six once, the four new once
+
+
+def test_the_sketch_never_forgets_a_key_and_stays_one_mebibyte() -> None:
+    tracemalloc.start()
+    try:
+        sketch = Sketch()
+        keys = [f"GET https://api.example/v1/users/{n}/cart" for n in range(100_000)]
+        for key in keys:
+            sketch.add(key)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(key in sketch for key in keys)
+    false = sum(f"GET https://api.example/v1/users/{n}/profile" in sketch for n in range(100_000))
+    assert false < 100  # ~0.03% expected at 100,000 keys
+    assert held < Sketch.BITS // 8 + 200_000 + len(keys) * 120  # the bits, plus the keys list itself
