@@ -422,7 +422,7 @@ class Bench:
 
         def parse(stdout: str, i: int) -> tuple[float | None, int | None, dict[str, Any]]:
             if out is None:  # cache warm writes no report.json: its summary says enough
-                found = re.search(r"this run in ([\d.]+)s.*?warmed (\d+)", stdout, re.S)
+                found = re.search(r"recipients in ([\d.]+)s.*?cached (\d+)", stdout, re.S)
                 return (float(found[1]), int(found[2]), {}) if found else (None, None, {})
             report = json.loads((self.work / f"{out}-{i}" / "report.json").read_text())
             cart = report["sources"]["cart"]
