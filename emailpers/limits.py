@@ -72,10 +72,10 @@ class Controller:
         (in slow start the limit changes with every answer): `-v`."""
         self.ceiling = ceiling
         self.on_change = on_change
-        self._told = self.allowed_for(min(initial, ceiling) if adaptive else ceiling)
         self.clock = clock
         self.adaptive = adaptive
         self.limit = float(min(initial, ceiling) if adaptive else ceiling)
+        self._told = self.allowed  # the limit on_change last heard of
         self.slow_start = True
         self.drops = 0.0  # moving share of answers that were drops
         self.floor: float | None = None  # seconds
@@ -87,13 +87,9 @@ class Controller:
         self.time_at: dict[int, float] = {}
         self._since = self._last = clock()
 
-    @staticmethod
-    def allowed_for(limit: float) -> int:
-        return max(1, int(limit))
-
     @property
     def allowed(self) -> int:
-        return self.allowed_for(self.limit)
+        return max(1, int(self.limit))
 
     def sample(self, latency: float, in_flight: int, dropped: bool) -> None:
         """A request finished after `latency` seconds with `in_flight`
