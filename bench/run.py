@@ -51,10 +51,12 @@ import urllib.request
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import psutil
+from mjml import mjml2html
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -328,13 +330,21 @@ def plain_jinja(text: str) -> str:
     return re.sub(r"{%-?\s*live\b[^%]*%}", "", text)
 
 
+def naive_message(out: Path, row: dict[str, str], context: dict[str, Any], html_t: Any, text_t: Any) -> None:
+    """The naive scripts' email: EmailMessage, Jinja, mjml2html, one file."""
+    msg = EmailMessage()
+    msg["From"], msg["To"] = "Shop <news@shop.example>", row["email"]
+    msg["Subject"] = f"{row['first_name']}, your cart is waiting"
+    msg.set_content(text_t.render(context))
+    msg.add_alternative(mjml2html(html_t.render(context)), subtype="html")
+    (out / f"{row['id']}.eml").write_bytes(bytes(msg))
+
+
 def naive(work: Path, recipients: Path, limit: int, port: int) -> dict[str, Any]:
     """The hand-written script: one recipient after another."""
-    from email.message import EmailMessage
 
     import httpx
     import jinja2
-    from mjml import mjml2html
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(work), autoescape=True)
     html_t, text_t = (env.from_string(plain_jinja((work / f"cart_bench.{kind}.j2").read_text(encoding="utf-8")))
@@ -351,13 +361,7 @@ def naive(work: Path, recipients: Path, limit: int, port: int) -> dict[str, Any]
                     break
                 time.sleep(0.05)
             response.raise_for_status()
-            context = {**row, "cart": response.json()}
-            msg = EmailMessage()
-            msg["From"], msg["To"] = "Shop <news@shop.example>", row["email"]
-            msg["Subject"] = f"{row['first_name']}, your cart is waiting"
-            msg.set_content(text_t.render(context))
-            msg.add_alternative(mjml2html(html_t.render(context)), subtype="html")
-            (out / f"{row['id']}.eml").write_bytes(bytes(msg))
+            naive_message(out, row, {**row, "cart": response.json()}, html_t, text_t)
             ok += 1
     return {"ok": ok, "run_s": time.perf_counter() - started}
 
@@ -618,11 +622,9 @@ def serve_campaign_api(latency_ms: float, jitter_ms: float, degrades: bool) -> N
 def naive_campaign(work: Path, recipients: Path, limit: int, port: int) -> dict[str, Any]:
     """The hand-written script for the three-source campaign: one recipient,
     one request after another."""
-    from email.message import EmailMessage
 
     import httpx
     import jinja2
-    from mjml import mjml2html
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(work), autoescape=True)
     html_t, text_t = (env.from_string(plain_jinja((work / name).read_text(encoding="utf-8")))
@@ -643,12 +645,7 @@ def naive_campaign(work: Path, recipients: Path, limit: int, port: int) -> dict[
                     time.sleep(0.1)
                 response.raise_for_status()
                 context[name] = response.json()
-            msg = EmailMessage()
-            msg["From"], msg["To"] = "Shop <news@shop.example>", row["email"]
-            msg["Subject"] = f"{row['first_name']}, your cart is waiting"
-            msg.set_content(text_t.render(context))
-            msg.add_alternative(mjml2html(html_t.render(context)), subtype="html")
-            (out / f"{row['id']}.eml").write_bytes(bytes(msg))
+            naive_message(out, row, context, html_t, text_t)
             ok += 1
     return {"ok": ok, "run_s": time.perf_counter() - started}
 
