@@ -36,6 +36,15 @@ def round_trip(c: Controller, clock: Clock, latency: float, *, busy: bool = True
     clock.now += latency
 
 
+def doubled_twice(clock: Clock) -> Controller:
+    """A controller (ceiling 256) that started at 16 and doubled twice in slow start."""
+    c = Controller(256, clock, initial=16)
+    round_trip(c, clock, 0.1)
+    round_trip(c, clock, 0.1)
+    assert c.allowed == 64
+    return c
+
+
 def test_slow_start_doubles_the_limit_each_round_trip_up_to_the_ceiling() -> None:
     clock = Clock()
     c = Controller(100, clock, initial=16)
@@ -56,10 +65,7 @@ def test_the_limit_does_not_grow_while_it_is_not_in_use() -> None:
 
 def test_drops_halve_the_limit_once_per_round_trip() -> None:
     clock = Clock()
-    c = Controller(256, clock, initial=16)
-    round_trip(c, clock, 0.1)
-    round_trip(c, clock, 0.1)
-    assert c.allowed == 64
+    c = doubled_twice(clock)
     for _ in range(20):  # a burst of 429s within one round trip: one signal
         c.sample(0.001, 64, dropped=True)
     assert c.allowed == 32
@@ -114,10 +120,7 @@ def test_after_a_decrease_the_limit_grows_by_its_square_root_per_round_trip() ->
 
 def test_rising_latency_shrinks_the_limit_by_the_gradient() -> None:
     clock = Clock()
-    c = Controller(256, clock, initial=16)
-    round_trip(c, clock, 0.1)
-    round_trip(c, clock, 0.1)
-    assert c.allowed == 64
+    c = doubled_twice(clock)
     # The API slows to 3x its floor: the smoothed latency climbs past 2x + slack,
     # then the limit falls by (2 x floor + slack) / smoothed (at most by half) per round trip.
     trajectory = []
@@ -132,10 +135,7 @@ def test_rising_latency_shrinks_the_limit_by_the_gradient() -> None:
 
 def test_a_queue_forming_ends_the_doubling_without_a_decrease() -> None:
     clock = Clock()
-    c = Controller(256, clock, initial=16)
-    round_trip(c, clock, 0.1)
-    round_trip(c, clock, 0.1)
-    assert c.allowed == 64
+    c = doubled_twice(clock)
     trajectory = []
     for _ in range(3):
         round_trip(c, clock, 0.22)  # past 1.5x the floor + slack (0.2), within 2x + slack (0.25)
