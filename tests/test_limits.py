@@ -287,12 +287,13 @@ def test_an_api_answering_429_past_a_load_sees_the_load_fall(api: Api, tmp_path:
     result = render(campaign, tmp_path / "out", "--concurrency", "64")
 
     assert result.exit_code == 0, result.output
-    calm, loaded = server.arrivals[:250], server.arrivals[250:]
-    assert max(calm) > INITIAL_LIMIT  # it grew while the API kept up
+    loaded = server.arrivals[250:]
     assert server.refused > 0
     # Past the first refusals the load falls to about what the API takes.
     tail = loaded[len(loaded) // 3 :]
     assert sorted(tail)[int(len(tail) * 0.95)] <= 12, sorted(tail)[-50:]
+    # It grew while the API kept up. (The limit, not the API's count of arrivals:
+    # a client short of CPU sends fewer than its limit allows. Seen in CI.)
     figures = report(tmp_path / "out")["sources"]["users"]["concurrency"]
     assert figures["max"] > INITIAL_LIMIT and figures["final"] <= 12 and figures["ceiling"] == 64
     assert "in flight: limit min" in result.output
