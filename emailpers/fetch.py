@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -31,11 +31,12 @@ from emailpers.batching import Batcher
 from emailpers.cache import Entry, ResponseCache, cache_key, request_identity
 from emailpers.campaign import Auth, Campaign, Source
 from emailpers.errors import AuthFailed, BackendError, BadResponse, FetchTimeout, SourceError, TransientError
-from emailpers.flat import Histogram, Recent
+from emailpers.flat import Recent
 from emailpers.http import BadBody, ConnectionFailed, HttpClient, Response, parse_max_age, parse_retry_after
 from emailpers.limits import Controller, Gate
 from emailpers.outcome import OK_OUTCOMES
 from emailpers.pacing import REAL_TIMING, RateLimiter, RetryPolicy, Timing
+from emailpers.report import SourceFigures
 from emailpers.urls import UrlTemplate, url_environment
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -64,25 +65,6 @@ class Fetched:
     def ok(self) -> bool:
         return self.outcome in OK_OUTCOMES
 
-
-
-@dataclass
-class SourceStats:
-    """Counters for the report. Latencies are of fetches that went to the network."""
-
-    requests: int = 0
-    cache_hits: int = 0
-    dedupe_hits: int = 0
-    batches: int = 0
-    retries: int = 0
-    errors: int = 0
-    status_429: int = 0
-    stale: int = 0
-    token_renewals: int = 0
-    fallbacks: int = 0
-    latencies_ms: Histogram = field(default_factory=Histogram)  # fixed size at any count
-    error_kinds: dict[str, int] = field(default_factory=dict)
-    concurrency: dict[str, int] = field(default_factory=dict)  # the in-flight limit over the run: limits.Controller.figures
 
 
 @dataclass
@@ -141,7 +123,7 @@ class _SourceRuntime:
             if source.rate_limit:
                 self.rate = shared.rate_limiter(source)  # type: ignore[assignment]
         self.policy = RetryPolicy.of(source, timing)
-        self.stats = SourceStats()
+        self.stats = SourceFigures()
         self.batcher: Batcher[str, Fetched] | None = None
         if source.batch is not None:
             self.batcher = Batcher(source.batch.size, source.batch.linger, partial(fetcher._send_batch, self))
@@ -201,7 +183,7 @@ class Fetcher:
             self._tokens[auth] = TokenProvider(auth, self.client, self.clock, store=store)
         return self._tokens[auth]
 
-    def stats(self) -> dict[str, SourceStats]:
+    def stats(self) -> dict[str, SourceFigures]:
         for runtime in self.sources.values():
             if runtime.token:
                 runtime.stats.token_renewals = runtime.token.renewals
@@ -310,7 +292,7 @@ class Fetcher:
         run shares it even when the cache is off or the API said no-store."""
         self._answered.put(key, replace(result, shared=True), result.size)
 
-    def _count(self, stats: SourceStats, result: Fetched) -> Fetched:
+    def _count(self, stats: SourceFigures, result: Fetched) -> Fetched:
         if not result.ok and not result.shared:
             stats.errors += 1
             kind = error_kind(result.error or result.outcome)

@@ -29,7 +29,7 @@ from emailpers.campaign import Campaign
 from emailpers.checks import check_campaign
 from emailpers.compose import Composer, compose_chunk, init_process
 from emailpers.errors import EmailpersError, Interrupted, OutputError, RenderProcessDied
-from emailpers.fetch import Fetched, Fetcher, SourceStats
+from emailpers.fetch import Fetched, Fetcher
 from emailpers.fixtures import LoggingClient, RecordingClient, ReplayClient
 from emailpers.flat import FirstSeen
 from emailpers.http import HttpClient
@@ -113,25 +113,6 @@ def source_result(fetched: Fetched) -> SourceResult:
     return SourceResult(fetched.outcome, fetched.attempts, fetched.ms, fetched.status_code, fetched.error, fetched.shared)
 
 
-def source_figures(stats: SourceStats, fallbacks: int) -> SourceFigures:
-    """A read-only copy of a source's network counters, for the report."""
-    return SourceFigures(
-        requests=stats.requests,
-        cache_hits=stats.cache_hits,
-        dedupe_hits=stats.dedupe_hits,
-        batches=stats.batches,
-        retries=stats.retries,
-        errors=stats.errors,
-        status_429=stats.status_429,
-        stale=stats.stale,
-        token_renewals=stats.token_renewals,
-        fallbacks=fallbacks,
-        latencies_ms=stats.latencies_ms.copy(),
-        error_kinds=dict(stats.error_kinds),
-        concurrency=dict(stats.concurrency),
-    )
-
-
 _MJ_INCLUDE = re.compile(r"""<mj-include\b[^>]*?\bpath\s*=\s*["']([^"']+)["']""", re.IGNORECASE)
 
 
@@ -174,7 +155,7 @@ class Run:
         self.render_queue: Batcher[RenderRequest, RenderResult] | None = None
         self.tally = Tally(HealthGuard(options.max_error_rate), options.max_failures)
         self.fatal: BaseException | None = None
-        self.network: dict[str, SourceStats] = {}  # the fetcher's counters, as the run ended
+        self.network: dict[str, SourceFigures] = {}  # the fetcher's counters, as the run ended
         self.on_disk: Done | None = None  # the manifest as read back after a failed write
         self.preflight = Preflight(columns=(), rows=0)
         self.signal: int | None = None  # SIGINT or SIGTERM, once one asked the run to stop
@@ -267,7 +248,7 @@ class Run:
             campaign=self.campaign.name,
             counts=counts,
             previous=done.counts,
-            sources={name: source_figures(stats, tally.fallbacks[name]) for name, stats in self.network.items()},
+            sources={name: stats.snapshot(tally.fallbacks[name]) for name, stats in self.network.items()},
             source_failures={name: (failures.get(name, 0), n) for name, n in recipients.items()},
             elapsed=elapsed,
             stopped=str(stopped) if stopped else None,

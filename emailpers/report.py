@@ -6,7 +6,7 @@ scheduler `exit_code`."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from emailpers.flat import Histogram
@@ -25,10 +25,11 @@ def percentile(values: Histogram, q: float) -> float | None:
     return None if value is None else round(value, 1)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SourceFigures:
-    """One source over this run: the fetcher's network counters and the
-    recipients its failures sent to a fallback."""
+    """One source over this run: the fetcher counts into it as the run goes
+    (latencies of fetches that went to the network), the report takes a
+    `snapshot` with the recipients its failures sent to a fallback."""
 
     requests: int = 0
     cache_hits: int = 0
@@ -40,9 +41,14 @@ class SourceFigures:
     stale: int = 0
     token_renewals: int = 0
     fallbacks: int = 0
-    latencies_ms: Histogram = field(default_factory=Histogram)  # of fetches that went to the network
-    error_kinds: Mapping[str, int] = field(default_factory=dict)
-    concurrency: Mapping[str, int] = field(default_factory=dict)  # the in-flight limit: min median max final changes ceiling
+    latencies_ms: Histogram = field(default_factory=Histogram)  # fixed size at any count
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    concurrency: dict[str, int] = field(default_factory=dict)  # the in-flight limit: min median max final changes ceiling
+
+    def snapshot(self, fallbacks: int) -> SourceFigures:
+        """A copy the run's further counting leaves alone."""
+        return replace(self, fallbacks=fallbacks, latencies_ms=self.latencies_ms.copy(),
+                       error_kinds=dict(self.error_kinds), concurrency=dict(self.concurrency))  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         lat = self.latencies_ms
