@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sys
 import threading
 import time
@@ -18,6 +19,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 free a moment ago, for a server that cannot take port 0
+    (aiosmtpd's Controller connects to the port it was given; redis-server is told one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class LoopbackServer(ThreadingHTTPServer):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import socket
 import ssl
 import threading
 import time
@@ -26,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+
+from advanced_servers import free_port
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:
@@ -47,13 +48,6 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     key_path.write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
     return cert_path, key_path
-
-
-def free_port() -> int:
-    # aiosmtpd's Controller cannot take port 0 (its ready check connects to the port it was given).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

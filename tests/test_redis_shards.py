@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import pytest
 
 from emailpers.shards import shard_of
 
-from advanced_servers import Api, Request, Response, TokenServer, running
+from advanced_servers import Api, Request, Response, TokenServer, free_port, running
 from conftest import source, write_campaign
 
 pytest.importorskip("redis", reason="the redis client is the emailpers[redis] extra: pip install -e '.[test]'")
@@ -40,12 +39,6 @@ TEMPLATE = """<html><body><p>Hi {{ first_name }},</p>
 </body></html>
 """
 SECRETS = {"SHOP_CLIENT_ID": "cid", "SHOP_CLIENT_SECRET": "csecret"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
