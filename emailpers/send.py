@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -191,11 +191,11 @@ class Sender:
         except aiosmtplib.SMTPResponseException as exc:
             if exc.code >= 500:
                 self._finish(message, "rejected", exc.code, exc.message)
-                await self._reset(client)
+                await self._politely(client, client.rset)
                 return "rejected"
             final = message.attempt > o.retries
             self._finish(message, "deferred", exc.code, exc.message, final=final)
-            await self._reset(client)
+            await self._politely(client, client.rset)
             return "deferred" if final else "retry"
         except (aiosmtplib.SMTPException, OSError) as exc:
             if handed_over:
@@ -218,9 +218,10 @@ class Sender:
         return "sent"
 
     @staticmethod
-    async def _reset(client: aiosmtplib.SMTP) -> None:
+    async def _politely(client: aiosmtplib.SMTP, command: Callable[[], Awaitable[object]]) -> None:
+        """`client.rset` or `client.quit`: a relay that fails it only costs the connection."""
         try:
-            await client.rset()
+            await command()
         except (aiosmtplib.SMTPException, OSError):
             client.close()
 
@@ -244,7 +245,7 @@ class Sender:
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SendError(f"{o.relay.url}: cannot connect: {exc}") from None
         if o.dry_run:
-            await self._quit(first)
+            await self._politely(first, first.quit)
             return
         with _stop_on_signals(loop, self._on_signal):
             workers = min(o.connections, len(messages))
@@ -307,7 +308,7 @@ class Sender:
             self.tally.outcomes[outcome] += 1
             self._done_one()
         if client is not None:
-            await self._quit(client)
+            await self._politely(client, client.quit)
 
     def _retry_later(self, message: Outgoing, why: str) -> None:
         final = message.attempt > self.options.retries
@@ -330,13 +331,6 @@ class Sender:
 
         timer = loop.call_later(delay, put)
         self.retry_timers.add(timer)
-
-    @staticmethod
-    async def _quit(client: aiosmtplib.SMTP) -> None:
-        try:
-            await client.quit()
-        except (aiosmtplib.SMTPException, OSError):
-            client.close()
 
 
 # -- the command's core ---------------------------------------------------------------------
