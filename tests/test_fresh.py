@@ -7,12 +7,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_resume import people
 
 from emailpers import manifest as manifest_module
 from emailpers.manifest import Manifest
 
 from conftest import manifest_lines, render, write_campaign
+from render_processes import people
 
 
 def old_folder(out: Path, n: int) -> None:

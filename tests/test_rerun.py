@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_resume import complete_lines, people
+from test_resume import complete_lines
 
 from emailpers.fetch import Fetched
 from emailpers.output import file_stem
@@ -35,6 +35,7 @@ from conftest import (
     write_campaign,
     write_recipients,
 )
+from render_processes import people
 
 
 def listed_files(out: Path) -> list[str]:

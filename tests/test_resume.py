@@ -24,10 +24,7 @@ from conftest import (
     source,
     write_campaign,
 )
-
-
-def people(n: int) -> list[dict[str, str]]:
-    return [{"id": f"u{i:03d}", "email": f"u{i}@example.com", "first_name": f"Name{i}"} for i in range(n)]
+from render_processes import people
 
 
 def complete_lines(path: Path) -> list[dict[str, Any]]:
