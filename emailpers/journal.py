@@ -29,7 +29,7 @@ from typing import Any
 
 from emailpers.errors import SendError
 from emailpers.manifest import LOCK
-from emailpers.output import MANIFEST, MESSAGES, REPORT, message_files
+from emailpers.output import MANIFEST, MESSAGES, REPORT, message_files, whole_lines, write_all
 from emailpers.shards import RUN, SHARDS, Shard
 
 JOURNAL = "sent.jsonl"
@@ -186,30 +186,25 @@ def read_manifest(path: Path, out: Path) -> list[Outgoing]:
     recipient); any other bad line is an error. A shard's journal that is not
     there yet (never started, with --partial) holds nothing."""
     messages: dict[str, Outgoing] = {}
-    if not path.exists():
-        return []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                entry = json.loads(line)
-                status, rid = entry["status"], entry.get("id")
-            except (ValueError, KeyError, TypeError):
-                raise SendError(f"{path}:{number}: not a manifest line; the folder was edited or damaged") from None
-            if status not in SENDABLE:
-                messages.pop(rid, None)
-                continue
-            files, to = entry.get("files"), entry.get("email")
-            if not isinstance(rid, str) or not isinstance(to, str) or not isinstance(files, list):
-                raise SendError(f"{path}:{number}: a {status} line without id, email or files")
-            own = message_files(rid, "eml")[0]
-            if own not in files:
-                raise SendError(
-                    f"{path}:{number}: lists no {own} for id {rid!r} (rendered with --format html?); send needs .eml "
-                    "files: render with --format eml or all"
-                )
-            messages[rid] = Outgoing(rid, to, out / own)
+    for number, line in whole_lines(path, cut_torn=False):
+        try:
+            entry = json.loads(line)
+            status, rid = entry["status"], entry.get("id")
+        except (ValueError, KeyError, TypeError):
+            raise SendError(f"{path}:{number}: not a manifest line; the folder was edited or damaged") from None
+        if status not in SENDABLE:
+            messages.pop(rid, None)
+            continue
+        files, to = entry.get("files"), entry.get("email")
+        if not isinstance(rid, str) or not isinstance(to, str) or not isinstance(files, list):
+            raise SendError(f"{path}:{number}: a {status} line without id, email or files")
+        own = message_files(rid, "eml")[0]
+        if own not in files:
+            raise SendError(
+                f"{path}:{number}: lists no {own} for id {rid!r} (rendered with --format html?); send needs .eml "
+                "files: render with --format eml or all"
+            )
+        messages[rid] = Outgoing(rid, to, out / own)
     return list(messages.values())
 
 
@@ -234,21 +229,12 @@ class Journal:
         self._fd = -1 if readonly else os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _read(self) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path, "rb" if self.readonly else "rb+") as f:
-            position = 0
-            for number, line in enumerate(f, start=1):
-                if not line.endswith(b"\n"):
-                    if not self.readonly:
-                        f.truncate(position)  # torn by a kill: the line it would have been is not known
-                    break
-                position += len(line)
-                try:
-                    entry = json.loads(line)
-                    self.states[entry["id"]] = self._state(entry)
-                except (ValueError, KeyError, TypeError):
-                    raise SendError(f"{self.path}:{number}: not a journal line; the file was edited or damaged") from None
+        for number, line in whole_lines(self.path, cut_torn=not self.readonly):
+            try:
+                entry = json.loads(line)
+                self.states[entry["id"]] = self._state(entry)
+            except (ValueError, KeyError, TypeError):
+                raise SendError(f"{self.path}:{number}: not a journal line; the file was edited or damaged") from None
 
     @staticmethod
     def _state(entry: dict[str, Any]) -> str:
@@ -263,9 +249,7 @@ class Journal:
         assert not self.readonly, "a dry run sends nothing"
         data = (json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            write_all(self._fd, data)
         except OSError as exc:
             raise SendError(f"{self.path}: cannot write the journal: {exc.strerror}; sending stopped") from None
         self.states[entry["id"]] = self._state(entry)

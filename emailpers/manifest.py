@@ -40,7 +40,7 @@ from typing import Any
 from emailpers.errors import OutputError
 from emailpers.flat import FirstSeen
 from emailpers.outcome import OK_OUTCOMES, by_row
-from emailpers.output import MANIFEST, MESSAGES, REPORT, is_message_file, write_atomic
+from emailpers.output import MANIFEST, MESSAGES, REPORT, is_message_file, whole_lines, write_all, write_atomic
 from emailpers.shards import RUN, Shard
 
 LOCK = ".emailpers.lock"
@@ -218,27 +218,18 @@ class Manifest:
     def _lines(self) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
         """(line number, raw line, entry) of every whole line; a line cut off by a
         kill is cut off the file too (that recipient is redone)."""
-        if not self.path.exists():
-            return
-        with open(self.path, "rb+") as f:
-            number, position = 0, 0
-            for line in f:
-                if not line.endswith(b"\n"):
-                    f.truncate(position)
-                    break
-                number += 1
-                position += len(line)
-                try:
-                    entry = json.loads(line)
-                    if not isinstance(entry, dict) or not isinstance(entry["status"], str):
-                        raise TypeError
-                    if not by_row(entry["status"]) and not isinstance(entry["id"], str):
-                        raise TypeError
-                except (ValueError, KeyError, TypeError):
-                    raise OutputError(
-                        f"{self.path}:{number}: not a manifest line; use a new --out folder or --fresh to start over"
-                    ) from None
-                yield number, line, entry
+        for number, line in whole_lines(self.path, cut_torn=True):
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry["status"], str):
+                    raise TypeError
+                if not by_row(entry["status"]) and not isinstance(entry["id"], str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise OutputError(
+                    f"{self.path}:{number}: not a manifest line; use a new --out folder or --fresh to start over"
+                ) from None
+            yield number, line, entry
 
     def _read(self) -> tuple[Done, set[str]]:
         done, listed = Done(), set[str]()
@@ -293,9 +284,7 @@ class Manifest:
             data = ("\n".join(self._buffer) + "\n").encode()
             self._buffer.clear()
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view) :]
+                write_all(self._fd, data)
             except OSError as exc:
                 self._broken = True
                 raise OutputError(

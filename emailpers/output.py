@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.header import Header
 from pathlib import Path
@@ -173,7 +174,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -193,7 +194,7 @@ def _write_unnamed(path: Path, data: bytes) -> bool:
         _UNNAMED[0] = False
         return False
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N, as open(2) shows: os.link calls
         # linkat, rather than link(), only when given a folder descriptor.
         os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd)
@@ -209,10 +210,31 @@ def _write_unnamed(path: Path, data: bytes) -> bool:
     return True
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """All of `data` to a descriptor (os.write may take only part of it)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def whole_lines(path: Path, *, cut_torn: bool) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of each whole line of a journal file (the manifest,
+    a shard's journal, sent.jsonl); none when it is not there. A last line
+    without its newline was cut off by a kill: it ends the reading and, with
+    `cut_torn`, is cut off the file too, so the next append starts a line of its own."""
+    try:
+        f = open(path, "rb+" if cut_torn else "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        position = 0
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                if cut_torn:
+                    f.truncate(position)
+                break
+            position += len(line)
+            yield number, line
 
 
 _SUFFIXES = {"eml": (".eml",), "html": (".html", ".txt"), "all": (".eml", ".html", ".txt")}

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from emailpers.errors import CampaignError, OutputError
+from emailpers.output import MANIFEST, REPORT, whole_lines
 
 SHARDS = "shards"
 RUN = "run.json"  # the campaign fingerprint an output folder was started with (manifest.py)
@@ -148,15 +149,12 @@ class ShardStatus:
 
 def _journal_counts(path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):
-                break  # cut off by a kill: that recipient is redone
-            try:
-                status = json.loads(line)["status"]
-            except (ValueError, KeyError, TypeError):
-                raise OutputError(f"{path}:{number}: not a manifest line") from None
-            counts[status] = counts.get(status, 0) + 1
+    for number, line in whole_lines(path, cut_torn=False):  # a line cut off by a kill: that recipient is redone
+        try:
+            status = json.loads(line)["status"]
+        except (ValueError, KeyError, TypeError):
+            raise OutputError(f"{path}:{number}: not a manifest line") from None
+        counts[status] = counts.get(status, 0) + 1
     return counts
 
 
@@ -173,19 +171,11 @@ def status(out: Path) -> tuple[list[ShardStatus], int]:
     count = run.get("shards") if isinstance(run, dict) else None
     found: list[ShardStatus] = []
     if not isinstance(count, int):
-        main = ShardStatus("main")
-        if (out / "manifest.jsonl").exists():
-            main.counts = _journal_counts(out / "manifest.jsonl")
-        main.report = _read_report(out / "report.json")
-        found.append(main)
+        found.append(ShardStatus("main", _journal_counts(out / MANIFEST), _read_report(out / REPORT)))
     else:
         for index in range(count):
             shard = Shard(index, count)
-            s = ShardStatus(shard.name)
-            if shard.journal(out).exists():
-                s.counts = _journal_counts(shard.journal(out))
-            s.report = _read_report(shard.report(out))
-            found.append(s)
+            found.append(ShardStatus(shard.name, _journal_counts(shard.journal(out)), _read_report(shard.report(out))))
         strays = sorted(p.name for p in (out / SHARDS).glob("*.jsonl") if not p.name.endswith(f"-of-{count}.jsonl"))
         if strays:
             found.append(ShardStatus("other", problem=f"journals of another shard count: {', '.join(strays)}"))
