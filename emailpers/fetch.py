@@ -33,7 +33,7 @@ from emailpers.campaign import Auth, Campaign, Source
 from emailpers.errors import AuthFailed, BackendError, BadResponse, FetchTimeout, SourceError, TransientError
 from emailpers.flat import Recent
 from emailpers.http import BadBody, ConnectionFailed, HttpClient, Response, parse_max_age, parse_retry_after
-from emailpers.limits import Controller, Gate
+from emailpers.limits import Controller, Gate, Slot
 from emailpers.outcome import OK_OUTCOMES
 from emailpers.pacing import REAL_TIMING, RateLimiter, RetryPolicy, Timing
 from emailpers.report import SourceFigures
@@ -362,12 +362,12 @@ class Fetcher:
     async def _ask(self, runtime: _SourceRuntime, url: str, recipients: int) -> _Answer:
         async with runtime.slots.slot() as slot, runtime.shared_slots:
             headers = dict(runtime.headers)
-            response = await self._send(runtime, url, headers)
+            response = await self._send(runtime, slot, url, headers)
             if response.status == 401 and runtime.token is not None:
                 # One renewal, then the same request once more before it counts as
                 # failed; it waits for the rate limit like any other request.
                 rejected = headers["Authorization"].removeprefix("Bearer ")
-                response = await self._send(runtime, url, headers, renew_from=rejected)
+                response = await self._send(runtime, slot, url, headers, renew_from=rejected)
             slot.dropped = response.status == 429 or response.status >= 500
         status = response.status
         if status == 429 or status >= 500:
@@ -383,9 +383,10 @@ class Fetcher:
         return _Answer(data, status, response.headers.get("cache-control"), len(response.body))
 
     async def _send(
-        self, runtime: _SourceRuntime, url: str, headers: dict[str, str], *, renew_from: str | None = None
+        self, runtime: _SourceRuntime, slot: Slot, url: str, headers: dict[str, str], *, renew_from: str | None = None
     ) -> Response:
-        """One request: a rate-limit slot, the current token, the timeout."""
+        """One request: a rate-limit slot, the current token, the timeout; the
+        API's latency for `slot` from when it leaves."""
         source = runtime.source
         if runtime.token is not None and runtime.rate is not None:
             # A token before the rate slot too: a slot granted, then spent waiting for the
@@ -399,6 +400,7 @@ class Fetcher:
             # The base of the token just used: a renewed token's base from then on,
             # even for a request that was queued (or refused) before the renewal.
             url = await runtime.absolute(url)
+        slot.sending()
         try:
             async with asyncio.timeout(source.timeout):
                 return await self._get(url, headers, source)

@@ -206,8 +206,14 @@ class Slot:
 
     async def __aenter__(self) -> Slot:
         await self.gate.acquire()
-        self.started = self.gate.controller.clock()
+        self.sending()
         return self
+
+    def sending(self) -> None:
+        """The request leaves now: what it waited for since it took the slot (its
+        turn under a rate limit, a token, a slot shared over shards) is this run's
+        own pacing, not the API's latency."""
+        self.started = self.gate.controller.clock()
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
