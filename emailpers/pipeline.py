@@ -82,6 +82,11 @@ class RunOptions:
     shard: Shard | None = None  # do only this shard's recipients (shards.py)
     backend: str | None = None  # redis://...: share cache, limits, token, dedupe and guard with other shards
 
+    @property
+    def reads_cache(self) -> bool:
+        """Whether answers come from, and go to, the cache (on disk, or the backend's)."""
+        return (self.use_cache or self.offline) and self.record is None and self.replay is None
+
 
 def default_workers() -> int:
     return os.cpu_count() or 1
@@ -180,13 +185,12 @@ class Run:
         cache = pool = None
         running = False  # past the checks that keep a run from starting: from here on, a report
         try:
-            fixtures = self.options.record is not None or self.options.replay is not None
             if self.options.backend is not None:
                 # Before anything is written: a backend that is not there stops the run at once (exit 1).
                 from emailpers.redis_backend import check_reachable
 
                 check_reachable(self.options.backend)
-            elif (self.options.use_cache or self.options.offline) and not fixtures:
+            elif self.options.reads_cache:
                 # First: an unusable cache folder stops the run before --fresh clears anything.
                 cache = ResponseCache(cache_directory(self.campaign, self.options), clock=self.timing.wall_clock)
             if out is not None and self.job is not None:
@@ -341,7 +345,7 @@ class Run:
 
             backend = await RedisBackend.connect(options.backend, self.campaign.name, self.tally.guard.max_error_rate)
             self.shared = backend
-        store = backend.cache if backend is not None and (options.use_cache or options.offline) else cache
+        store = backend.cache if backend is not None and options.reads_cache else cache
         async with run_client(options) as client:
             fetcher = Fetcher(
                 self.campaign, client, store, offline=options.offline, concurrency=options.concurrency,

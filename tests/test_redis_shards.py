@@ -23,7 +23,7 @@ import pytest
 from emailpers.shards import shard_of
 
 from advanced_servers import Api, Request, Response, TokenServer, free_port, running
-from conftest import source, write_campaign
+from conftest import make_campaign, people, render, source, write_campaign
 
 pytest.importorskip("redis", reason="the redis client is the emailpers[redis] extra: pip install -e '.[test]'")
 if shutil.which("redis-server") is None:
@@ -295,3 +295,25 @@ def test_redis_lost_mid_run_stops_the_shard_and_a_rerun_resumes(shop: ShopApi, t
         assert sorted(journal_ids(out, 2)) == sorted(share)
     finally:
         server.stop()
+
+
+def test_record_with_a_backend_asks_the_api_not_the_shared_cache(redis_server: RedisServer, tmp_path: Path) -> None:
+    api, answer = Api(), {"text": "before"}
+
+    @api.route(r"/v1/users/(\w+)")
+    def _(request: Request, match: re.Match[str]) -> Response:
+        return Response(200, dict(answer))
+
+    with running(api):
+        users = f'[sources.users]\nurl = "{api.url}/v1/users/{{{{ id }}}}"\n'
+        campaign = make_campaign(tmp_path, users, people(2), live=["users"])
+        assert render(campaign, tmp_path / "warm", "--backend", redis_server.url).exit_code == 0  # cached in Redis
+        answer["text"] = "after"
+
+        result = render(campaign, tmp_path / "out", "--backend", redis_server.url, "--record", tmp_path / "fixtures")
+
+    assert result.exit_code == 0, result.output
+    # Fixtures record what the API answers now: the cache is neither read nor written.
+    assert len(api.seen("/v1/users/")) == 4
+    recorded = [p.read_text() for p in (tmp_path / "fixtures").rglob("*") if p.is_file()]
+    assert sum("after" in text for text in recorded) == 2 and not any("before" in text for text in recorded)
