@@ -259,14 +259,18 @@ class ResponseCache:
             self._recent.pop(key)  # past fresh, the database decides: stale, or gone
         if self._started_empty and key not in self._flushed:
             return None
-        try:
-            raw = self._cache.get(key)
-        except (_Refused, sqlite3.Error, OSError):
-            return None
+        raw = self._stored(key)
         entry = Entry.decode(raw)
         if entry is not None and isinstance(raw, bytes):
             self._recent.put(key, entry, len(raw))
         return entry
+
+    def _stored(self, key: str) -> object:
+        """What the database holds for `key` (None when nothing, or nothing it may read)."""
+        try:
+            return self._cache.get(key)
+        except (_Refused, sqlite3.Error, OSError):
+            return None
 
     def set(self, key: str, *, data: Any, fresh_for: float, keep_for: float, source: str, url: str) -> None:
         """Store a response, fresh for `fresh_for` s and kept `keep_for` s (stale-if-error)."""
@@ -302,7 +306,8 @@ class ResponseCache:
             keys = list(self._cache.iterkeys())
         except (sqlite3.Error, OSError) as exc:
             raise _unusable(self.directory, f"{type(exc).__name__}: {exc}") from None
-        return [entry for key in keys if isinstance(key, str) and (entry := self.get(key)) is not None]
+        # Read past the decoded entries kept for the run: a listing must not fill them.
+        return [entry for key in keys if isinstance(key, str) and (entry := Entry.decode(self._stored(key))) is not None]
 
     def stats(self) -> dict[str, Any]:
         """Entries, bytes on disk, and per source: entries, fresh ones, oldest."""
@@ -330,7 +335,7 @@ class ResponseCache:
                 return int(self._cache.clear())
             removed = 0
             for key in list(self._cache.iterkeys()):
-                entry = self.get(key) if isinstance(key, str) else None
+                entry = Entry.decode(self._stored(key)) if isinstance(key, str) else None
                 if entry is not None and entry.source == source:
                     removed += int(self._cache.delete(key))
             return removed

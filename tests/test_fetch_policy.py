@@ -382,3 +382,17 @@ def test_the_decoded_entries_are_bounded_by_count_and_bytes(tmp_path: Path) -> N
         assert cache.get(f"big{i}") is not None
     assert cache._recent.used <= cache.RECENT_BYTES and len(cache._recent) < cache.RECENT_ENTRIES
     cache.close()
+
+
+def test_an_entry_cleared_by_source_is_gone_from_memory_too(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "cache")
+    for name in ("shop", "weather"):
+        cache.set(name, data={"from": name}, fresh_for=60, keep_for=60, source=name, url="https://api.example/")
+    cache.flush()
+
+    assert cache.clear("shop") == 1
+
+    assert cache.get("shop") is None  # clearing read it to learn its source: it must not stay decoded in memory
+    entry = cache.get("weather")
+    assert entry is not None and entry.data == {"from": "weather"}
+    cache.close()
