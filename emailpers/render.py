@@ -412,8 +412,8 @@ class Renderer:
         return html, html_to_text(html) if text else None
 
     def _memo(self, body: str, template: Path) -> skeleton.Memo:
-        """The template's memo, after the depth check the plain compile makes."""
-        self._check_depth(body, template)
+        """The template's memo. (Every compile it makes, of a skeleton or of the
+        filled body, checks the depth: values hold no markup.)"""
         memo = self.memos.get(template)
         if memo is None:
             memo = skeleton.Memo(lambda text: self._mjml(text, template), _insert_preheader, html_to_text)
@@ -421,19 +421,18 @@ class Renderer:
         return memo
 
     def _check_depth(self, body: str, template: Path) -> None:
-        name = self.campaign.template_name(template)
         # Opening tags bound the depth: the scan only runs when they could pass the cap.
         depth = nesting_depth(body) if body.count("<") - body.count("</") > MAX_NESTING else 0
         if depth > MAX_NESTING:
+            name = self.campaign.template_name(template)
             raise RenderFailed(f"{name}: markup nested {depth} deep, more than the {MAX_NESTING} MJML accepts")
 
     def _mjml(self, body: str, template: Path) -> str:
         self._check_depth(body, template)
-        name = self.campaign.template_name(template)
         try:
             return str(mjml2html(body, include_loader=self._include))
         except ValueError as exc:
-            raise RenderFailed(f"{name}: MJML compile error: {exc}") from None
+            raise RenderFailed(f"{self.campaign.template_name(template)}: MJML compile error: {exc}") from None
 
     def _include(self, path: str) -> str:
         """mj-include: files inside the campaign folder only."""

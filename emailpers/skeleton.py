@@ -221,7 +221,6 @@ class Memo:
         self.size = 0
         self.on = True
         self.uses = 0
-        self.hits = self.misses = 0
 
     def plain(self, skeleton: str, values: list[str], preheader: str | None, text: bool) -> tuple[str, str | None]:
         """The per-recipient way: fill, compile, preheader, text (if wanted)."""
@@ -237,11 +236,9 @@ class Memo:
         key = (skeleton, bool(preheader))
         entry = self.entries.get(key, ())
         if entry == ():
-            self.misses += 1
             entry = self._build(skeleton, len(values), bool(preheader))
             self._store(key, entry)
         else:
-            self.hits += 1
             self.entries.move_to_end(key)
         if entry is None:
             return self.plain(skeleton, values, preheader, text)
