@@ -2,7 +2,7 @@
 
 Without one (the default) a run is alone: its cache is the disk folder
 (cache.py), its rate limits and concurrency caps are in-process (pacing.py,
-asyncio.Semaphore), its OAuth token is its own (auth.py), its request dedupe
+limits.py), its OAuth token is its own (auth.py), its request dedupe
 covers its own recipients (fetch.py) and its error guard judges its own
 fetches (tally.py). A `SharedBackend` (redis_backend.py) replaces each of
 those with one every shard sees. The fetch layer depends only on these

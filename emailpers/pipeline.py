@@ -34,14 +34,14 @@ from emailpers.fixtures import LoggingClient, RecordingClient, ReplayClient
 from emailpers.flat import FirstSeen
 from emailpers.http import HttpClient
 from emailpers.manifest import Done, Manifest, fingerprint
-from emailpers.outcome import LOCAL_OUTCOMES, Outcome, RenderRequest, RenderResult, SourceResult, decide
+from emailpers.outcome import Outcome, RenderRequest, RenderResult, SourceResult, decide
 from emailpers.output import REPORT, write_atomic
 from emailpers.pacing import REAL_TIMING, Timing
 from emailpers.processes import RenderPool, environment_without, stop_on_signals
 from emailpers.recipients import Preflight, Row, preflight, read_recipients
 from emailpers.report import Report, SourceFigures, build_report
 from emailpers.shards import Shard
-from emailpers.tally import HealthGuard, Tally
+from emailpers.tally import HealthGuard, Tally, error_of, judged
 from emailpers.unsubscribe import unsubscribe_token
 
 # A ceiling: each source's limit adapts below it (limits.py). High enough for an
@@ -421,11 +421,12 @@ class Run:
             return
         fetched = await fetcher.fetch_all(row.fields)
         results = {name: source_result(r) for name, r in fetched.items()}
-        self.tally.fetched(results)
-        if self.shared is not None:  # the window every shard shares: an outage stops them all
+        if self.shared is None:
+            self.tally.fetched(results)
+        else:  # the window every shard shares judges, instead of this run's own: an outage stops them all
             for name, result in results.items():
-                if result.outcome not in LOCAL_OUTCOMES and not result.shared:
-                    await self.shared.guard.check(name, None if result.ok else (result.error or result.outcome))
+                if judged(result):
+                    await self.shared.guard.check(name, error_of(result))
         if self.job is None:  # cache warm: the fetch was the whole job
             self._record(decide(row, results, warm=True))
             return

@@ -33,6 +33,17 @@ class FetchResult(Protocol):
     def ok(self) -> bool: ...
 
 
+def judged(result: FetchResult) -> bool:
+    """Whether an error guard judges a fetch: one that went to the API for this
+    recipient (not a cache hit, not a skip, not another recipient's answer)."""
+    return result.outcome not in LOCAL_OUTCOMES and not result.shared
+
+
+def error_of(result: FetchResult) -> str | None:
+    """What a guard's window keeps of a fetch: None for an answer, else its error."""
+    return None if result.ok else (result.error or result.outcome)
+
+
 def unhealthy(name: str, failed: int, window: int, max_error_rate: float, common: str) -> UnhealthySource:
     """The error that stops a run on an unhealthy source (here, or in the window all shards share)."""
     return UnhealthySource(
@@ -55,10 +66,10 @@ class HealthGuard:
         self.failed: dict[str, int] = {}
 
     def check(self, name: str, result: FetchResult) -> None:
-        if self.max_error_rate is None or result.outcome in LOCAL_OUTCOMES or result.shared:
+        if self.max_error_rate is None or not judged(result):
             return
         recent = self.recent.setdefault(name, deque())
-        error = None if result.ok else (result.error or result.outcome)
+        error = error_of(result)
         recent.append(error)
         failed = self.failed[name] = self.failed.get(name, 0) + (error is not None)
         if len(recent) > self.window and recent.popleft() is not None:

@@ -317,3 +317,29 @@ def test_record_with_a_backend_asks_the_api_not_the_shared_cache(redis_server: R
     assert len(api.seen("/v1/users/")) == 4
     recorded = [p.read_text() for p in (tmp_path / "fixtures").rglob("*") if p.is_file()]
     assert sum("after" in text for text in recorded) == 2 and not any("before" in text for text in recorded)
+
+
+def test_with_a_backend_the_guard_judges_the_window_all_shards_share_not_its_own(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    api, status = Api(), [200]
+
+    @api.route(r"/v1/users/(\w+)")
+    def _(request: Request, match: re.Match[str]) -> Response:
+        return Response(status[0], {"user": match.group(1)})
+
+    with running(api):
+        users = f'[sources.users]\nurl = "{api.url}/v1/users/{{{{ id }}}}"\nretries = 0\ncache_ttl = 0\n'
+        (tmp_path / "first").mkdir()
+        (tmp_path / "second").mkdir()
+        first = make_campaign(tmp_path / "first", users, people(150), live=["users"])
+        assert render(first, tmp_path / "out1", "--backend", redis_server.url).exit_code == 0
+        status[0] = 503
+        second = make_campaign(tmp_path / "second", users, people(60), live=["users"])
+
+        result = render(second, tmp_path / "out2", "--backend", redis_server.url)
+
+    # The shared window's last 200 fetches: 140 answered, 60 failed (30%, under 50%). This
+    # run's own 60 all failed, but its own window is not the one that judges (README, Shards).
+    assert len(api.seen("/v1/users/")) == 210
+    assert result.exit_code == 0, result.output
