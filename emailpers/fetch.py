@@ -26,11 +26,11 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from emailpers import jsondata
 from emailpers.auth import TokenProvider, static_auth_headers
-from emailpers.backend import CacheStore, DiskStore, SharedBackend
+from emailpers.backend import CacheStore, DiskStore, Limiter, SharedBackend
 from emailpers.batching import Batcher
 from emailpers.cache import Entry, ResponseCache, cache_key, request_identity
 from emailpers.campaign import Auth, Campaign, Source
-from emailpers.errors import AuthFailed, BackendError, BadResponse, FetchTimeout, SourceError, TransientError
+from emailpers.errors import AuthFailed, BackendError, BadResponse, FetchTimeout, TransientError
 from emailpers.flat import Recent
 from emailpers.http import BadBody, ConnectionFailed, HttpClient, Response, parse_max_age, parse_retry_after
 from emailpers.limits import Controller, Gate, Slot
@@ -112,16 +112,15 @@ class _SourceRuntime:
             on_change=None if log is None else lambda limit, why: log(f"{source.name}: in flight limit {limit} ({why})"),
         )  # fmt: skip
         self.slots = Gate(self.limit)
-        self.rate = RateLimiter(source.rate_limit, timing.clock, timing.sleep) if source.rate_limit else None
-        # With a shared backend, a source's `concurrency` also holds over every shard, within
-        # which each shard's own limit still adapts.
-        self.shared_slots: AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        # With a shared backend, a source's limits hold over every shard: its `rate_limit`,
+        # and its `concurrency`, within which each shard's own limit still adapts.
         shared = fetcher.backend
-        if shared is not None:  # the source's limits hold over every shard
-            if source.concurrency:
-                self.shared_slots = shared.slots(source, source.concurrency)
-            if source.rate_limit:
-                self.rate = shared.rate_limiter(source)  # type: ignore[assignment]
+        self.rate: Limiter | None = None
+        if source.rate_limit:
+            self.rate = shared.rate_limiter(source) if shared else RateLimiter(source.rate_limit, timing.clock, timing.sleep)
+        self.shared_slots: AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        if shared is not None and source.concurrency:
+            self.shared_slots = shared.slots(source, source.concurrency)
         self.policy = RetryPolicy.of(source, timing)
         self.stats = SourceFigures()
         self.batcher: Batcher[str, Fetched] | None = None
@@ -158,7 +157,6 @@ class Fetcher:
         """`log_limit`: a line for each change of a source's in-flight limit (-v)."""
         self.client = client
         self.log_limit = log_limit
-        self.cache = cache
         # The disk cache is read in this thread; a shared one (backend.CacheStore) over the network.
         self.store: CacheStore | None = DiskStore(cache) if isinstance(cache, ResponseCache) else cache
         self.backend = backend  # shared with other shards: cache, limits, token, dedupe (backend.py)
@@ -250,7 +248,7 @@ class Fetcher:
             if runtime.batcher is not None:
                 result = await runtime.batcher.submit(str(fields[self.id_field]))
             else:
-                result = await self._network(runtime, url, record=True)
+                result = await self._network(runtime, url)
             if not result.ok and cached is not None and runtime.source.stale_if_error:
                 stats.stale += 1
                 result = replace(result, outcome="stale", data=cached.data)
@@ -316,7 +314,7 @@ class Fetcher:
         batch = runtime.source.batch
         assert batch is not None and runtime.batch_url is not None
         runtime.stats.batches += 1
-        result = await self._network(runtime, runtime.batch_url.render(ids=ids), record=True, recipients=len(ids))
+        result = await self._network(runtime, runtime.batch_url.render(ids=ids), recipients=len(ids))
         if not result.ok:
             return [result] * len(ids)
         items = result.data.get(batch.items) if isinstance(result.data, dict) else None
@@ -330,13 +328,12 @@ class Fetcher:
             for rid in ids
         ]
 
-    async def _network(self, runtime: _SourceRuntime, url: str, *, record: bool, recipients: int = 1) -> Fetched:
+    async def _network(self, runtime: _SourceRuntime, url: str, *, recipients: int = 1) -> Fetched:
         """One logical request with retries, within the source's limits."""
         started = self.clock()
         tried = await runtime.policy.run(partial(self._attempt, runtime, url, recipients))
         ms = (self.clock() - started) * 1000
-        if record:
-            runtime.stats.latencies_ms.add(ms)
+        runtime.stats.latencies_ms.add(ms)
         if tried.error is not None:
             error = tried.error
             return Fetched(error.outcome, None, tried.attempts, ms, error.status_code, str(error))
@@ -352,14 +349,6 @@ class Fetcher:
         """Attempt `number` (from 1) of a request, counted."""
         if number > 1:
             runtime.stats.retries += 1
-        try:
-            return await self._ask(runtime, url, recipients)
-        except SourceError as exc:
-            if exc.status_code == 429:
-                runtime.stats.status_429 += 1
-            raise
-
-    async def _ask(self, runtime: _SourceRuntime, url: str, recipients: int) -> _Answer:
         async with runtime.slots.slot() as slot, runtime.shared_slots:
             headers = dict(runtime.headers)
             response = await self._send(runtime, slot, url, headers)
@@ -368,13 +357,14 @@ class Fetcher:
                 # failed; it waits for the rate limit like any other request.
                 rejected = headers["Authorization"].removeprefix("Bearer ")
                 response = await self._send(runtime, slot, url, headers, renew_from=rejected)
-            slot.dropped = response.status == 429 or response.status >= 500
-        status = response.status
-        if status == 429 or status >= 500:
-            retry_after = None
-            if status in (429, 503):
-                retry_after = parse_retry_after(response.headers.get("retry-after"), self.wall_clock())
-            raise TransientError(f"HTTP {status}", status, retry_after)
+            status = response.status
+            if status == 429 or status >= 500:  # raised in the slot: a drop, it tells the limit (limits.DROPS)
+                if status == 429:
+                    runtime.stats.status_429 += 1
+                retry_after = None
+                if status in (429, 503):
+                    retry_after = parse_retry_after(response.headers.get("retry-after"), self.wall_clock())
+                raise TransientError(f"HTTP {status}", status, retry_after)
         if status in _REDIRECTS:
             raise BadResponse(f"HTTP {status} redirect not followed; set follow_redirects = true", status)
         if not 200 <= status < 300:

@@ -195,13 +195,12 @@ class Gate:
 
 
 class Slot:
-    """`async with gate.slot() as slot:` one request. Set `slot.dropped` for an
-    answer that says slow down (429, 5xx); a timeout or a TransientError
-    raised inside counts as one too."""
+    """`async with gate.slot() as slot:` one request. A timeout or a
+    TransientError (429, 5xx, a broken connection) raised inside is an answer
+    that says slow down."""
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self.dropped = False
         self.started = 0.0
 
     async def __aenter__(self) -> Slot:
@@ -219,9 +218,6 @@ class Slot:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         latency: float | None = self.gate.controller.clock() - self.started
-        if exc is not None:
-            if isinstance(exc, DROPS):
-                self.dropped = True
-            elif not isinstance(exc, Exception):  # cancelled: no answer to learn from
-                latency = None
-        self.gate.release(latency, self.dropped)
+        if exc is not None and not isinstance(exc, Exception):  # cancelled: no answer to learn from
+            latency = None
+        self.gate.release(latency, isinstance(exc, DROPS))
