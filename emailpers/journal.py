@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from emailpers.errors import SendError
-from emailpers.manifest import LOCK
+from emailpers.manifest import LOCK, hold_lock
+from emailpers.outcome import SENDABLE
 from emailpers.output import MANIFEST, MESSAGES, REPORT, message_files, whole_lines, write_all
-from emailpers.shards import RUN, SHARDS, Shard
+from emailpers.shards import SHARDS, Shard, run_shards
 
 JOURNAL = "sent.jsonl"
 SEND_REPORT = "send-report.json"
-SENDABLE = frozenset({"rendered", "fallback"})
 DONE = frozenset({"sent", "rejected"})  # a rerun never sends these again
 OUTCOMES = ("sent", "rejected", "deferred", "unknown")
 
@@ -52,12 +52,9 @@ class Outgoing:
 def _flock(path: Path, mode: int, busy: str) -> int:
     """A descriptor holding `mode` (LOCK_EX or LOCK_SH) on `path` until closed;
     SendError(busy) when another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SendError(busy) from None
+    fd = hold_lock(path, mode)
+    if fd is None:
+        raise SendError(busy)
     return fd
 
 
@@ -72,16 +69,6 @@ def render_unfinished(report: Path) -> str | None:
         return f"its {report.name} cannot be read"
     stopped = data.get("stopped") if isinstance(data, dict) else "unknown"
     return f"the render stopped early ({stopped})" if stopped else None
-
-
-def _sharded_run(out: Path) -> int | None:
-    """N when shards rendered `out` (run.json says so), else None."""
-    try:
-        run = json.loads((out / RUN).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    count = run.get("shards") if isinstance(run, dict) else None
-    return count if isinstance(count, int) else None
 
 
 def _has_lines(path: Path) -> bool:
@@ -116,7 +103,7 @@ def open_folder(out: Path, shard: Shard | None, partial: bool) -> Folder:
     """Lock `out` for a send (of the whole run, or of one shard) and say what
     it reads and writes. Raises SendError while a render (or a send that would
     overlap) is running, or while the render is unfinished unless `partial`."""
-    count = _sharded_run(out)
+    count = run_shards(out)
     if count is None:
         if shard is not None:
             raise SendError(f"{out}: this render was not run in shards; send it without --shard")
@@ -241,8 +228,6 @@ class Journal:
         event = entry["event"]
         if event == "sending":
             return "unknown"  # until a reply line says otherwise
-        if event == "deferred" and not entry.get("final"):
-            return "retrying"
         return str(event)
 
     def write(self, entry: dict[str, Any]) -> None:

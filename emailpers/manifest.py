@@ -41,7 +41,7 @@ from emailpers.errors import OutputError
 from emailpers.flat import FirstSeen
 from emailpers.outcome import OK_OUTCOMES, by_row
 from emailpers.output import MANIFEST, MESSAGES, REPORT, is_message_file, whole_lines, write_all, write_atomic
-from emailpers.shards import RUN, Shard
+from emailpers.shards import RUN, Shard, run_shards
 
 LOCK = ".emailpers.lock"
 _RUN_VERSION = 1
@@ -169,15 +169,13 @@ class Manifest:
     # -- opening --------------------------------------------------------------------
 
     def _lock(self) -> None:
-        path = self.out / LOCK if self.shard is None else self.shard.lock(self.out)
-        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = hold_lock(self.out / LOCK if self.shard is None else self.shard.lock(self.out), fcntl.LOCK_EX)
+        if fd is None:
             raise OutputError(
                 f"{self.out}: another emailpers run{f' of shard {self.shard}' if self.shard else ''} is using this "
                 "output folder; wait for it to end, or give this run another --out"
-            ) from None
+            )
+        self._lock_fd = fd
 
     def _release(self) -> None:
         for fd in (self._fd, self._lock_fd):
@@ -188,7 +186,7 @@ class Manifest:
     def _check_run(self, run: dict[str, Any], *, started: bool) -> None:
         """A folder with finished recipients resumes only the campaign that started it."""
         path = self.out / RUN
-        if not started and (self.shard is not None or _sharded(path)):
+        if not started and (self.shard is not None or run_shards(self.out) is not None):
             # Shards share run.json: the first to start writes it (exclusively: two
             # starting at once cannot both), every other one compares.
             started = not _create_exclusive(path, (json.dumps(run, indent=2) + "\n").encode())
@@ -358,13 +356,16 @@ def _clear(folders: list[Path], messages: Path) -> None:
             continue  # left for the next run, which tries again
 
 
-def _sharded(path: Path) -> bool:
-    """Whether run.json says shards started the folder (an unsharded run must then compare too)."""
+def hold_lock(path: Path, mode: int) -> int | None:
+    """A descriptor holding `mode` (LOCK_EX or LOCK_SH) on `path` until it is
+    closed; None when another process holds the lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(run, dict) and "shards" in run
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _create_exclusive(path: Path, data: bytes) -> bool:

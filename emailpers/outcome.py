@@ -24,6 +24,7 @@ Status = Literal["rendered", "fallback", "skipped", "invalid", "failed", "warmed
 # The order reports list them in.
 RENDER_STATUSES: tuple[Status, ...] = ("rendered", "fallback", "skipped", "invalid", "failed")
 WARM_STATUSES: tuple[Status, ...] = ("warmed", "invalid", "failed")  # cache warm: data fetched, or not
+SENDABLE = frozenset({"rendered", "fallback"})  # the statuses whose message `send` delivers
 
 # A source's fetch outcomes that gave data (the others: error, timeout, skipped).
 OK_OUTCOMES = frozenset({"live", "cache", "stale"})

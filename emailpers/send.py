@@ -106,7 +106,6 @@ class Sender:
         self.stop_signal: int | None = None
         self.fatal: str | None = None
         self._tls = ssl.create_default_context(cafile=str(options.ca_file) if options.ca_file else None)
-        self._connected_once = False
 
     # connections
 
@@ -149,7 +148,6 @@ class Sender:
         except aiosmtplib.SMTPResponseException as exc:
             client.close()
             raise _Fatal(f"{relay.url} refused the session: {exc.code} {exc.message}") from None
-        self._connected_once = True
         return client
 
     # transactions

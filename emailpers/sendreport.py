@@ -39,7 +39,6 @@ def build_report(
 ) -> dict[str, Any]:
     this = {outcome: tally.outcomes.get(outcome, 0) for outcome in (*OUTCOMES, "unreadable")}
     total = Counter(states.get(m.id, "not sent") for m in messages)
-    total = Counter({("deferred" if k == "retrying" else k): v for k, v in total.items()})
     span = None if tally.first_start is None or tally.last_start is None else tally.last_start - tally.first_start
     return {
         "command": "send",

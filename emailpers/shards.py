@@ -158,6 +158,16 @@ def _journal_counts(path: Path) -> dict[str, int]:
     return counts
 
 
+def run_shards(out: Path) -> int | None:
+    """N when shards started `out` (its run.json says so), else None."""
+    try:
+        run = json.loads((out / RUN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    count = run.get("shards") if isinstance(run, dict) else None
+    return count if isinstance(count, int) else None
+
+
 def status(out: Path) -> tuple[list[ShardStatus], int]:
     """Every shard's journal and report in `out`, and the exit code the whole
     run deserves: the worst shard's, 1 while a shard has not finished (never
