@@ -351,7 +351,6 @@ class Run:
                 self.campaign, client, store, offline=options.offline, concurrency=options.concurrency,
                 adaptive=options.adaptive, timing=self.timing, backend=backend, log_limit=options.log_request,
             )  # fmt: skip
-            self.network = fetcher.stats()  # read at the report, whatever ends the run
             batch_sizes = [s.batch.size for s in self.campaign.sources.values() if s.batch]
             window = asyncio.Semaphore(2 * max([options.concurrency, *batch_sizes]))
             tasks = self._tasks
@@ -389,7 +388,7 @@ class Run:
                 seen.close()
                 await self._wind_down()
                 self._loop = None
-                self.network = fetcher.stats()
+                self.network = fetcher.stats()  # read at the report, whatever ends the run
                 if backend is not None:
                     await backend.close()
             if self.fatal is not None:

@@ -165,7 +165,7 @@ def check_sample(campaign: Campaign, out: Path, *, size: int = DEFAULT_SAMPLE, o
     ids = [str(r[campaign.recipients.id_field]) for r in rows]
     findings = lint_output(campaign, out)
     for name, figures in report.sources.items():
-        missing = figures.to_json()["top_errors"].get(NO_FIXTURE)
+        missing = figures.error_kinds.get(NO_FIXTURE)
         if replay is not None and missing:
             findings.append(Finding("fixtures", WARNING, f"source {name}: {missing} requests had no fixture in "
                                     f"{shown_path(replay)}; those recipients show the fallback (record them with "
