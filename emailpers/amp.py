@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ VALIDATOR_ENV = "EMAILPERS_AMP_VALIDATOR"
 VALIDATOR_PACKAGE = "next@15.5.6"
 VALIDATOR_MEMBER = "package/dist/compiled/amphtml-validator/validator_wasm.js"
 VALIDATOR_SHA256 = "f1f4629ab36f555f5a9937a5cf00f0ef780bf025883c035d06389b151c896f26"
+NO_MINI_RACER = "validating AMP needs the mini-racer package: pip install 'emailpers[amp]'"
 # amp.dev, "AMP for Email format": the whole AMPHTML markup may not exceed
 # 200,000 bytes (not 204,800); Gmail falls back to the HTML part above it.
 MAX_AMP_BYTES = 200_000
@@ -99,7 +99,7 @@ def fetch_validator(dest: Path | None = None, *, npm: str = "npm") -> Path:
         raise ValidatorUnavailable(f"{VALIDATOR_MEMBER} of {VALIDATOR_PACKAGE} has SHA-256 {digest}, expected {VALIDATOR_SHA256}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    with io.open(tmp_path, "wb") as fh:
+    with open(tmp_path, "wb") as fh:
         fh.write(data)
     os.replace(tmp_path, dest)
     return dest
@@ -131,9 +131,7 @@ class Validator:
         try:
             from py_mini_racer import JSFunction, JSPromise, MiniRacer
         except ImportError:
-            raise ValidatorUnavailable(
-                "validating AMP needs the mini-racer package: pip install 'emailpers[amp]'"
-            ) from None
+            raise ValidatorUnavailable(NO_MINI_RACER) from None
         self.path = path
         self._ctx = MiniRacer()
         try:
@@ -175,7 +173,7 @@ def check_available() -> Path:
     try:
         import py_mini_racer  # noqa: F401
     except ImportError:
-        raise ValidatorUnavailable("validating AMP needs the mini-racer package: pip install 'emailpers[amp]'") from None
+        raise ValidatorUnavailable(NO_MINI_RACER) from None
     return path
 
 
