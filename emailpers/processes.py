@@ -36,7 +36,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @contextmanager
-def stop_on_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+def stop_on_signals(on_signal: Callable[[int], object]) -> Iterator[None]:
     """Call `on_signal(signum)` on SIGINT or SIGTERM instead of raising
     KeyboardInterrupt or dying; the previous handlers come back afterwards.
     Only the main thread can handle signals: elsewhere this does nothing."""

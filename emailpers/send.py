@@ -22,11 +22,9 @@ import json
 import re
 import signal
 import ssl
-import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -44,7 +42,7 @@ from emailpers.journal import (
 )
 from emailpers.output import write_atomic
 from emailpers.pacing import Pacer
-from emailpers.processes import STOP_SIGNALS
+from emailpers.processes import stop_on_signals
 from emailpers.relay import SendOptions
 from emailpers.sendreport import Tally, build_report
 from emailpers.shards import Shard
@@ -55,24 +53,6 @@ _QUEUE_ID = re.compile(r"(?:queued as|id=)\s*<?([\w.@/+=-]+)>?|\b([A-Za-z0-9][\w
 
 
 # -- one connection ------------------------------------------------------------------------
-
-
-@contextmanager
-def _stop_on_signals(loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]) -> Iterator[None]:
-    """SIGINT and SIGTERM call `on_signal` in the event loop (which wakes for
-    them) instead of raising; the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    for signum in previous:
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            loop.remove_signal_handler(signum)
-            signal.signal(signum, handler)
 
 
 class _Fatal(Exception):
@@ -245,7 +225,8 @@ class Sender:
         if o.dry_run:
             await self._politely(first, first.quit)
             return
-        with _stop_on_signals(loop, self._on_signal):
+        # SIGINT and SIGTERM stop the send in the event loop (call_soon_threadsafe wakes it).
+        with stop_on_signals(lambda signum: loop.call_soon_threadsafe(self._on_signal, signum)):
             workers = min(o.connections, len(messages))
             tasks = [asyncio.create_task(self._worker(first if i == 0 else None)) for i in range(workers)]
             await asyncio.gather(*tasks)
