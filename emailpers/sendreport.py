@@ -11,6 +11,7 @@ from typing import Any
 
 from emailpers.journal import OUTCOMES, SEND_REPORT, Outgoing
 from emailpers.relay import SendOptions
+from emailpers.report import EXIT_FAILED_RECIPIENTS, EXIT_OK
 
 __all__ = ["SEND_REPORT", "Tally", "build_report", "send_exit_code", "send_summary"]
 
@@ -63,10 +64,10 @@ def send_exit_code(report: dict[str, Any]) -> int:
     """0 when every message the manifest offers is sent (or a dry run), 3 while
     any is rejected, deferred, unknown or unreadable."""
     if report["dry_run"]:
-        return 0
+        return EXIT_OK
     total = report["total"]
     undelivered = total["rejected"] + total["deferred"] + total["unknown"] + report["this_run"]["unreadable"]
-    return 3 if undelivered else 0
+    return EXIT_FAILED_RECIPIENTS if undelivered else EXIT_OK
 
 
 def send_summary(report: dict[str, Any]) -> str:
