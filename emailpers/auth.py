@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from emailpers.campaign import LOOPBACK_HOSTS, Auth
+from emailpers.campaign import Auth, is_loopback
 from emailpers.errors import AuthFailed
 from emailpers.http import BadBody, BodyTooLarge, ConnectionFailed, HttpClient
 
@@ -238,7 +238,7 @@ def _base_url(value: Any, name: str, where: str) -> str:
     if parts is not None and not problem:
         if parts.scheme not in ("https", "http") or not parts.hostname:
             problem = "must be an absolute https:// URL"
-        elif parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+        elif parts.scheme == "http" and not is_loopback(parts.hostname):
             problem = "must be https:// (plain http only for a loopback host)"
         elif "@" in parts.netloc:
             problem = "must not carry credentials"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import difflib
 import email.utils
+import ipaddress
 import os
 import re
 import tomllib
@@ -35,11 +36,20 @@ DEFAULT_BATCH_LINGER = 0.05
 DEFAULT_TOKEN_LIFETIME = 3600.0  # seconds, for a token response without expires_in
 DEFAULT_RENDER_DEADLINE = 10.0  # seconds of Jinja per recipient
 
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322: printable ASCII but ':'
 _OWN_HEADERS = frozenset(
     {"from", "to", "subject", "date", "message-id", "mime-version", "content-type", "content-transfer-encoding"}
 )
+
+
+def is_loopback(host: str | None) -> bool:
+    """A host on this machine (localhost, 127.0.0.0/8, ::1): plain http or SMTP never leaves it."""
+    if host is None:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 @dataclass(frozen=True)
@@ -720,7 +730,7 @@ def _check_url(loader: _Loader, where: str, key: str, url: str, allow_http: bool
         raise loader.error(where, key, f"must be an absolute http(s) URL, got {url!r}")
     if parts.username or parts.password:
         raise loader.error(where, key, "must not carry credentials; use auth = { ... } with *_env keys")
-    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS and not allow_http:
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and not allow_http:
         raise loader.error(
             where,
             key,

@@ -3,13 +3,13 @@ environment, the options of a send. Checked here, once, before any connection.""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from emailpers.campaign import is_loopback
 from emailpers.dkimsign import DkimSigner
 from emailpers.errors import SendError
 
@@ -19,7 +19,6 @@ DEFAULT_BACKOFF = 2.0  # seconds before the first retry of a 4xx; doubles each t
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_USER_ENV = "EMAILPERS_SMTP_USER"
 DEFAULT_PASSWORD_ENV = "EMAILPERS_SMTP_PASSWORD"
-_LOOPBACK_NAMES = frozenset({"localhost"})
 
 @dataclass(frozen=True)
 class Relay:
@@ -30,13 +29,6 @@ class Relay:
     port: int
     implicit_tls: bool
     plaintext_ok: bool  # loopback, or --allow-plaintext
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower() in _LOOPBACK_NAMES
 
 
 def parse_relay(url: str, *, allow_plaintext: bool = False) -> Relay:
@@ -60,7 +52,7 @@ def parse_relay(url: str, *, allow_plaintext: bool = False) -> Relay:
     port = port or (465 if implicit else 587)
     host = parts.hostname
     shown = f"[{host}]" if ":" in host else host
-    return Relay(f"{parts.scheme}://{shown}:{port}", host, port, implicit, allow_plaintext or _is_loopback(host))
+    return Relay(f"{parts.scheme}://{shown}:{port}", host, port, implicit, allow_plaintext or is_loopback(host))
 
 
 @dataclass(frozen=True)
