@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emailpers.campaign import DEFAULT_TIMEOUT, load_campaign
+from emailpers.campaign import DEFAULT_TIMEOUT, is_loopback, load_campaign
 from emailpers.errors import CampaignError
 
 from conftest import render, source, write_campaign
@@ -247,3 +247,8 @@ def test_load_campaign_raises_campaign_error(tmp_path: Path) -> None:
 def test_extra_headers_cannot_break_the_message(tmp_path: Path, name: str, message: str) -> None:
     campaign = write_campaign(tmp_path / "c", campaign={"headers": {"X-Ok": "1", name: "value"}})
     assert_refused(campaign, tmp_path / "out", f"{campaign}:{line_of(campaign, 'headers =')}: [campaign] headers {message}")
+
+
+def test_loopback_is_this_machine_by_address_not_by_a_list_of_spellings() -> None:
+    assert all(is_loopback(h) for h in ("localhost", "LocalHost", "127.0.0.1", "127.0.0.2", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in (None, "example.com", "127.0.0.1.example.com", "10.0.0.1", "::2", ""))
