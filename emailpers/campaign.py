@@ -263,6 +263,17 @@ class _Table:
         var = self.get(key, str, required=required)
         return "" if var is None else self._secret(key, var)
 
+    def signing_key(self, key: str, *, required: bool = True) -> bytes:
+        """The HMAC key in the environment variable named by `key`, when the
+        run needs secrets: at least MIN_KEY_BYTES, or anyone could guess it
+        offline from one token."""
+        value = self.env(key, required=required).encode()
+        if self.loader.need_secrets and key in self.data and len(value) < MIN_KEY_BYTES:
+            raise self.loader.error(
+                self.where, key, f"the signing key must be at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)"
+            )
+        return value
+
     def env_table(self, key: str) -> dict[str, str]:
         """`{ name = "VAR" }` -> `{ name: value of $VAR }` (token_params_env)."""
         return {name: self._secret(key, var, f"{name} = {var!r}: ") for name, var in self.strings(key).items()}
@@ -449,7 +460,7 @@ def _load_amp(loader: _Loader, c: _Table) -> Amp | None:
     return Amp(
         template=template,
         key_env=key_env,
-        key=c.env("amp_key_env", required=False).encode(),
+        key=c.signing_key("amp_key_env", required=False),
         token_ttl=c.number("amp_token_ttl", Amp.token_ttl, above=True),
     )
 
@@ -476,13 +487,7 @@ def _load_unsubscribe(loader: _Loader, c: _Table) -> Unsubscribe | None:
             )
     if mailto is not None and not re.fullmatch(r"[^@\s<>,?]+@[A-Za-z0-9.-]+", mailto):
         raise loader.error("[campaign]", "unsubscribe", f"mailto must be a plain address like unsub@shop.example, got {mailto!r}")
-    key = u.env("key_env")
-    if loader.need_secrets and len(key.encode()) < MIN_KEY_BYTES:
-        raise loader.error(
-            "[campaign]", "unsubscribe",
-            f"key_env: the signing key must be at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)",
-        )
-    return Unsubscribe(url=url, mailto=mailto, key=key.encode())
+    return Unsubscribe(url=url, mailto=mailto, key=u.signing_key("key_env"))
 
 
 def _load_dkim(loader: _Loader, s: _Table) -> Dkim | None:

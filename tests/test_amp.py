@@ -277,6 +277,16 @@ def test_amp_keys_need_amp_template(tmp_path: Path) -> None:
     assert "[campaign] amp_key_env needs amp_template" in result.stderr
 
 
+def test_a_short_amp_link_key_stops_the_run_at_load(
+    tmp_path: Path, api: ScriptedAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AMP_LINK_KEY", "short")
+    result = render(amp_campaign(tmp_path / "c", api), tmp_path / "out", "--amp-unvalidated")
+    assert result.exit_code == 1
+    assert "[campaign] amp_key_env the signing key must be at least 16 bytes" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_campaign_without_amp_has_no_amp_in_its_output(tmp_path: Path) -> None:
     result = render(write_campaign(tmp_path / "c"), tmp_path / "out")
     assert result.exit_code == 0, result.output
