@@ -171,8 +171,7 @@ class Sender:
                 self._finish(message, "rejected", exc.code, exc.message)
                 await self._politely(client, client.rset)
                 return "rejected"
-            final = message.attempt > o.retries
-            self._finish(message, "deferred", exc.code, exc.message, final=final)
+            final = self._defer(message, exc.code, exc.message)
             await self._politely(client, client.rset)
             return "deferred" if final else "retry"
         except (aiosmtplib.SMTPException, OSError) as exc:
@@ -181,8 +180,7 @@ class Sender:
                 self._finish(message, "unknown", None, f"connection lost before the reply: {exc}")
                 return "unknown"
             client.close()
-            final = message.attempt > o.retries
-            self._finish(message, "deferred", None, f"connection lost: {exc}", final=final)
+            final = self._defer(message, None, f"connection lost: {exc}")
             return "deferred" if final else "reconnect"
         except Exception as exc:  # noqa: BLE001 - one message must never stop the send
             client.close()
@@ -260,8 +258,7 @@ class Sender:
                 data = read_message(message)
             except OSError as exc:
                 self.tally.unreadable.append(f"{message.path}: {exc.strerror}")
-                self.tally.outcomes["unreadable"] += 1
-                self._done_one()
+                self._settle("unreadable")
                 continue
             if o.dkim is not None:
                 data = o.dkim.sign(data)
@@ -284,19 +281,27 @@ class Sender:
                     client = None
                 self._schedule(message)
                 continue
-            self.tally.outcomes[outcome] += 1
-            self._done_one()
+            self._settle(outcome)
         if client is not None:
             await self._politely(client, client.quit)
 
     def _retry_later(self, message: Outgoing, why: str) -> None:
-        final = message.attempt > self.options.retries
-        self._finish(message, "deferred", None, why, final=final)
-        if final:
-            self.tally.outcomes["deferred"] += 1
-            self._done_one()
+        if self._defer(message, None, why):
+            self._settle("deferred")
         else:
             self._schedule(message)
+
+    def _defer(self, message: Outgoing, code: int | None, why: str) -> bool:
+        """Journal a 4xx or a failed connection as deferred; True when it is
+        final (the retries are spent), else it is tried again."""
+        final = message.attempt > self.options.retries
+        self._finish(message, "deferred", code, why, final=final)
+        return final
+
+    def _settle(self, outcome: str) -> None:
+        """A message done with for this run: counted, and one fewer open."""
+        self.tally.outcomes[outcome] += 1
+        self._done_one()
 
     def _schedule(self, message: Outgoing) -> None:
         delay = min(self.options.backoff * 2 ** (message.attempt - 1), MAX_BACKOFF)
