@@ -151,6 +151,7 @@ class Parsed:
     path: Path  # the template file, or the campaign file for a [campaign] value
     ast: nodes.Template
     key: str | None = None  # the [campaign] key of a subject, preheader or header
+    text: bool = False  # loaded for the text part, which renders without markers (skeleton.py)
 
     def where(self, lineno: int) -> str:
         """`file:line` (and key) to put in front of a message about `lineno`."""
@@ -178,8 +179,8 @@ class Renderer:
         self.subject = self._compile("subject", campaign.subject)
         self.preheader = self._compile("preheader", campaign.preheader) if campaign.preheader else None
         self.headers = {k: self._compile(f"headers.{k}", v) for k, v in campaign.headers.items()}
-        # Compile once per layout (skeleton.py) where the templates allow it.
-        files = [p for p in self.parsed if p.key is None]
+        # Compile once per layout (skeleton.py) where the templates of the HTML allow it.
+        files = [p for p in self.parsed if p.key is None and not p.text]
         mjml = [t for t in (campaign.template, campaign.fallback_template) if t and t.name.endswith(_MJML_SUFFIXES)]
         self.memo_off = None if memo and mjml else "memo=False" if mjml else "no MJML template"
         self.memo_off = self.memo_off or skeleton.template_allows(
@@ -221,7 +222,7 @@ class Renderer:
                 seen.add(current_.name)
                 filename = current_.filename
                 ast = env.parse(Path(filename).read_text(encoding="utf-8"), current_.name, filename)
-                self.parsed.append(Parsed(Path(filename), ast))
+                self.parsed.append(Parsed(Path(filename), ast, text=env is self.text_env))
                 pending += [env.get_template(n) for n in meta.find_referenced_templates(ast) if n is not None]
             return template
         except jinja2.TemplateSyntaxError as exc:

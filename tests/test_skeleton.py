@@ -165,6 +165,17 @@ def test_capturing_constructs_turn_the_memo_off(tmp_path: Path) -> None:
     assert "AL" in renderer.render({"id": "1", "email": "a@example.com", "first_name": "al"}, {}, {}).html
 
 
+def test_a_capture_in_the_text_template_leaves_the_html_memo_on(tmp_path: Path) -> None:
+    """The text template renders without markers: what it captures is no
+    reason to compile the HTML per recipient."""
+    people = [{"id": f"{n}", "email": f"{n}@example.com", "first_name": name} for n, name in enumerate(["al", "Bo"])]
+    campaign = write_campaign(tmp_path, template="<mjml><mj-body><mj-text>Hi {{ first_name }}</mj-text></mj-body></mjml>",
+                              template_name="email.mjml", recipients=people,
+                              text_template="{% set x %}{{ first_name }}{% endset %}Hi {{ x|upper }}")
+
+    assert both_ways(campaign, [(fields, {}, {}) for fields in people]) > 0
+
+
 def test_a_difference_at_start_up_turns_the_memo_off() -> None:
     """A compiler that treats one value differently from its marker (as MJML
     does with a width): the start-up comparison catches it, the plain compile wins."""
