@@ -17,6 +17,7 @@ lifetime as TTL); the client secret never leaves the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -230,18 +231,31 @@ class _Slots(AbstractAsyncContextManager[None]):
     def __init__(self, backend: RedisBackend, key: str, limit: int, lease: float) -> None:
         self.backend, self.key, self.limit, self.lease = backend, key, limit, lease
         self._held: dict[asyncio.Task[Any] | None, str] = {}
+        # While the slots are taken, one waiter per shard asks Redis (every POLL, and at
+        # once when this shard frees one); the others queue here, as _RateLimit's do.
+        self._turn = asyncio.Lock()
+        self._freed = asyncio.Event()
 
     async def __aenter__(self) -> None:
         holder = f"{self.backend.holder}:{uuid.uuid4().hex[:12]}"
-        take = self.backend._take_slot
-        while not await self.backend.call(lambda: take(keys=[self.key], args=[self.limit, holder, self.lease])):
-            await asyncio.sleep(POLL)
+        script = self.backend._take_slot
+
+        async def take() -> bool:
+            return bool(await self.backend.call(lambda: script(keys=[self.key], args=[self.limit, holder, self.lease])))
+
+        if not await take():
+            async with self._turn:
+                while not await take():
+                    self._freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._freed.wait(), POLL)
         self._held[asyncio.current_task()] = holder
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         holder = self._held.pop(asyncio.current_task(), None)
         if holder is not None:
             await self.backend.call(lambda: self.backend.client.zrem(self.key, holder))
+            self._freed.set()
 
 
 class _Cache:
