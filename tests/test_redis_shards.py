@@ -343,3 +343,26 @@ def test_with_a_backend_the_guard_judges_the_window_all_shards_share_not_its_own
     # run's own 60 all failed, but its own window is not the one that judges (README, Shards).
     assert len(api.seen("/v1/users/")) == 210
     assert result.exit_code == 0, result.output
+
+
+def test_a_sources_concurrency_holds_over_every_shard(redis_server: RedisServer, tmp_path: Path) -> None:
+    api, in_flight, most = Api(), [0], [0]
+
+    @api.route(r"/v1/users/(\w+)")
+    def _(request: Request, match: re.Match[str]) -> Response:
+        with api.lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.05)
+        with api.lock:  # counted out before the answer is written: never more than really in flight
+            in_flight[0] -= 1
+        return Response(200, {"user": match.group(1)})
+
+    with running(api):
+        campaign = write_campaign(tmp_path / "c", template="<p>{{ users.user }}</p>", recipients=ROWS,
+                                  sources={"users": source(api.url + "/v1/users/{{ id }}", concurrency=3, cache_ttl=0)})
+        results = run_shards(campaign, tmp_path / "out", redis_server.url)
+
+    assert [code for code, _, _ in results] == [0] * SHARDS, results
+    # Each shard alone may have 3 in flight; together they may not either (12 without the shared cap).
+    assert len(api.seen("/v1/users/")) == len(ROWS) and 1 < most[0] <= 3, most
