@@ -178,7 +178,7 @@ class Fetcher:
         # with inline auth share a name, not credentials.
         if auth not in self._tokens:
             store = self.backend.tokens if self.backend is not None else None
-            self._tokens[auth] = TokenProvider(auth, self.client, self.clock, store=store)
+            self._tokens[auth] = TokenProvider(auth, self.client, self.clock, store=store, wall_clock=self.wall_clock)
         return self._tokens[auth]
 
     def stats(self) -> dict[str, SourceFigures]:
