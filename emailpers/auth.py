@@ -21,16 +21,15 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
+from emailpers.backend import SharedToken, TokenStore
+from emailpers.cache import request_identity
 from emailpers.campaign import Auth, is_loopback
 from emailpers.errors import AuthFailed
 from emailpers.http import BadBody, BodyTooLarge, ConnectionFailed, HttpClient
-
-if TYPE_CHECKING:
-    from emailpers.backend import TokenStore
 
 TOKEN_MAX_BYTES = 64 * 1024  # a token response is a few KB; a larger one is refused, not read
 TOKEN_TIMEOUT = 10.0  # seconds for one token request
@@ -107,9 +106,6 @@ class TokenProvider:
     async def _renew_shared(self, renew_from: str | None) -> None:
         """Renew under the shards' lock: whoever holds it first asks the endpoint;
         the others, once they hold it, find its token stored and take it."""
-        from emailpers.backend import SharedToken
-        from emailpers.cache import request_identity
-
         assert self.store is not None
         key = hashlib.sha256(request_identity({}, self.auth).encode()).hexdigest()[:32]  # no secret in a key
         async with self.store.lock(key):
@@ -118,13 +114,17 @@ class TokenProvider:
                 left = shared.expires_at - self.wall_clock()
                 if left > min(self.RENEW_MARGIN, shared.lifetime / 10) and _TOKEN.fullmatch(shared.token):
                     where = f"{self.auth.where} token_url {self.auth.token_url} (shared)"
-                    bases = {name: _base_url(shared.bases.get(name), name, where) for name in sorted(self.base_fields)}
-                    self.token, self._lifetime, self._bases = shared.token, shared.lifetime, bases
-                    self.expires_at = self.clock() + left
+                    self._adopt(shared.token, shared.lifetime, left, shared.bases, where)
                     return
             await self._renew()
             left = self.expires_at - self.clock()
             await self.store.save(key, SharedToken(self.token, self.wall_clock() + left, self._lifetime, self._bases))
+
+    def _adopt(self, token: str, lifetime: float, left: float, answer: Mapping[str, Any], where: str) -> None:
+        """Use `token` (`left` seconds more) and the base URLs its `answer` names."""
+        self._bases = {name: _base_url(answer.get(name), name, where) for name in sorted(self.base_fields)}
+        self.token, self._lifetime = token, lifetime
+        self.expires_at = self.clock() + left
 
     def _request(self) -> tuple[dict[str, str] | None, dict[str, str | int] | None, dict[str, str]]:
         """(form, json, headers) of the token request, per `client_auth`. An
@@ -189,11 +189,9 @@ class TokenProvider:
                 "it cannot go in a header"
             )
         lifetime = _lifetime(answer.get("expires_in"), auth.token_lifetime, where)
-        bases = {name: _base_url(answer.get(name), name, where) for name in sorted(self.base_fields)}
-        if self.token:
-            self.renewals += 1
-        self.token, self._lifetime, self._bases = token, lifetime, bases
-        self.expires_at = self.clock() + lifetime
+        renewed = bool(self.token)
+        self._adopt(token, lifetime, lifetime, answer, where)
+        self.renewals += renewed
 
 
 def _error_code(body: bytes) -> str:
