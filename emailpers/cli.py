@@ -35,6 +35,7 @@ from emailpers.pipeline import (
     render_campaign,
     warm_cache,
 )
+from emailpers.processes import stop_on_signals
 from emailpers.recipients import count_rows, recipients_argument
 from emailpers.relay import (
     DEFAULT_BACKOFF,
@@ -830,10 +831,13 @@ def _serve_demo(folder: Path) -> None:
         ):
             click.echo(f"  {line}")
         sys.stdout.flush()
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            click.echo("Sample API stopped.")
+        # Its own handlers, not KeyboardInterrupt: a process started in the background of a
+        # script inherits SIGINT ignored, and Python then installs no handler of its own.
+        stopped = threading.Event()
+        with stop_on_signals(lambda signum: stopped.set()):
+            while not stopped.wait(1.0):
+                pass
+        click.echo("Sample API stopped.")
 
 
 def _name_env_vars(group: click.Group, prefix: tuple[str, ...] = ("EMAILPERS",)) -> None:
