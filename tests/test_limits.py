@@ -357,7 +357,9 @@ def test_a_cancelled_waiter_already_passed_over_is_still_just_cancelled() -> Non
 def test_no_adaptive_holds_every_source_at_its_ceiling(api: Api, tmp_path: Path) -> None:
     @api.route(r"/v1/users/(\w+)")
     def _(request: Request, match: re.Match[str]) -> Response:
-        return Response(200, {"user": match.group(1)}, delay=0.05)
+        # Long enough that a client short of CPU still has more than 32 out at once (at 50 ms,
+        # a loaded machine sent only 29 before the first answers came back).
+        return Response(200, {"user": match.group(1)}, delay=0.2)
 
     campaign = make_campaign(tmp_path, users_source(api), people(120), live=["users"])
 
